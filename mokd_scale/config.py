@@ -1,0 +1,339 @@
+"""Typed run configuration: a YAML recipe plus `--set key=value` overrides.
+
+A recipe is a packaged name (`tiny_cpu`, see mokd_scale/configs/) or a path to a YAML
+file. Every key is checked against the dataclasses below, so a typo fails at start-up
+with the list of valid keys instead of being silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "shards"  # shards | synthetic
+    train_shards: str = ""
+    val_shards: str = ""
+    knn_train_shards: str = ""  # memory bank for k-NN; "" means train_shards
+    samples_per_epoch: int = 1281167  # global, not per rank
+    workers: int = 8
+    shuffle_buffer: int = 5000
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    num_local_crops: int = 8
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob_global: tuple[float, float] = (1.0, 0.1)
+    blur_prob_local: float = 0.5
+    solarize_prob_global2: float = 0.2
+    eval_resize: int = 256
+    eval_crop: int = 224
+    synthetic_image_size: int = 256
+    synthetic_num_classes: int = 10
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch_size: int = 1024
+    micro_batch_size: int = 32
+    steps: int = 125100  # 100 ImageNet epochs at batch 1024
+    warmup_epochs: float = 10.0
+    freeze_last_layer_epochs: float = 1.0
+    log_every: int = 20
+    checkpoint_every: int = 1000
+    keep_last: int = 3
+    stop_after_steps: int = 0  # end this run cleanly after N more steps (0: run to `steps`)
+    knn_every: int = 0  # 0: no periodic k-NN
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    arch: str = "vit_small_patch16_224"
+    arch_kwargs: dict = field(default_factory=dict)
+    lambda_cross: float = 1.0  # YAML key: lambda
+    optimizer: str = "adamw"  # adamw | sgd | lars
+    lr: float = 5e-4  # peak lr per 256 images; scaled by global_batch_size / 256
+    min_lr: float = 1e-6
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum: float = 0.9  # SGD / LARS
+    deepspeed: str = "ds_configs/zero2_bf16.json"
+    precision: str = "auto"  # auto | bf16 | fp32
+    grad_checkpointing: bool = False
+    drop_path_rate: float = 0.1
+    freeze_weight_norm_scale: bool = True
+    use_bn_in_head: bool = False
+
+
+@dataclass(frozen=True)
+class NetworksConfig:
+    a: NetworkConfig = field(default_factory=NetworkConfig)
+    b: NetworkConfig = field(default_factory=NetworkConfig)
+
+
+@dataclass(frozen=True)
+class MokdConfig:
+    out_dim: int = 65536
+    proj_hidden_dim: int = 2048
+    proj_bottleneck_dim: int = 256
+    search_depth: int = 3
+    search_dim: int = 0  # 0: the ViT's embed dim of the pair
+    search_head_dim: int = 64
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.07
+    warmup_teacher_temperature: float = 0.04
+    warmup_teacher_temperature_epochs: float = 30.0
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996
+    teacher_momentum_end: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 128
+    max_train_samples: int = 0  # 0: all
+    max_val_samples: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    output_dir: str = "runs/mokd"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    networks: NetworksConfig = field(default_factory=NetworksConfig)
+    mokd: MokdConfig = field(default_factory=MokdConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# YAML spellings that are Python keywords.
+YAML_ALIASES = {"lambda": "lambda_cross"}
+YAML_NAMES = {v: k for k, v in YAML_ALIASES.items()}
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A packaged recipe name (`tiny_cpu`) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name_or_path!r} does not exist")
+        return path
+    packaged = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown recipe {name_or_path!r}: use one of {names} or a path to a .yaml file")
+    return packaged
+
+
+def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Recipe + overrides → validated, frozen Config. Raises ConfigError naming the bad key."""
+    raw = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {name_or_path!r} must be a YAML mapping at the top level")
+    for item in overrides:
+        apply_override(raw, item)
+    config = build_dataclass(Config, raw, prefix="")
+    validate(config)
+    return config
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value`: value is parsed as YAML (so 3, 1e-4, true, [1, 2] work)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, text = item.split("=", 1)
+    parts = key.strip().split(".")
+    check_key_path(parts)
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = parse_override_value(text)
+
+
+def parse_override_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text  # a plain string such as a path with odd characters
+
+
+def check_key_path(parts: list[str]) -> None:
+    """Fail early with the valid keys at the level where a path goes wrong."""
+    cls: Any = Config
+    for depth, part in enumerate(parts):
+        if not dataclasses.is_dataclass(cls):
+            # Below a dict-typed field (arch_kwargs) any key is allowed.
+            return
+        names = field_names(cls)
+        if part not in names:
+            where = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(f"unknown config key {'.'.join(parts)!r}: valid keys at {where} are {sorted(names)}")
+        cls = field_type(cls, YAML_ALIASES.get(part, part))
+
+
+def field_names(cls) -> set[str]:
+    return {YAML_NAMES.get(f.name, f.name) for f in dataclasses.fields(cls)}
+
+
+def field_type(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def build_dataclass(cls, raw: Any, prefix: str):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or 'top level'!r} must be a mapping, got {raw!r}")
+    valid = field_names(cls)
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}: valid keys at {where} are {sorted(valid)}")
+    values = {}
+    for key, value in raw.items():
+        name = YAML_ALIASES.get(key, key)
+        values[name] = convert(field_type(cls, name), value, prefix + key)
+    return cls(**values)
+
+
+def convert(expected, value: Any, key: str):
+    """Convert a YAML value to the field's type, or raise naming key, type and value."""
+    if dataclasses.is_dataclass(expected):
+        return build_dataclass(expected, value, key + ".")
+    origin = typing.get_origin(expected)
+    if origin is tuple:
+        return convert_tuple(typing.get_args(expected), value, key)
+    if expected is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise type_error(key, "a mapping", value)
+        return dict(value)
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        raise type_error(key, "true or false", value)
+    if expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise type_error(key, "an integer", value)
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise type_error(key, "a number", value)
+    if expected is str:
+        if isinstance(value, (dict, list)):
+            raise type_error(key, "a string", value)
+        return "" if value is None else str(value)
+    raise ConfigError(f"config key {key!r} has an unsupported type {expected}")
+
+
+def convert_tuple(item_types: tuple, value: Any, key: str) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
+        raise type_error(key, f"a list of {len(item_types)} numbers", value)
+    return tuple(convert(t, v, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
+
+
+def type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key {key!r} expects {expected}, got {value!r}")
+
+
+def validate(config: Config, world_size: int | None = None) -> None:
+    """Checks between fields. With world_size, also the batch split across ranks."""
+    data, train = config.data, config.train
+    if data.source not in ("shards", "synthetic"):
+        raise ConfigError(f"data.source must be 'shards' or 'synthetic', got {data.source!r}")
+    if data.source == "shards" and not data.train_shards:
+        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from tools/make_shards.py "
+                          "(or use data.source=synthetic)")
+    if data.local_crop_size >= data.global_crop_size:
+        raise ConfigError(f"data.local_crop_size ({data.local_crop_size}) must be smaller than "
+                          f"data.global_crop_size ({data.global_crop_size})")
+    for name in ("global_batch_size", "micro_batch_size", "steps", "log_every", "checkpoint_every", "keep_last"):
+        if getattr(train, name) < 1:
+            raise ConfigError(f"train.{name} must be at least 1, got {getattr(train, name)}")
+    if train.global_batch_size % train.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+                          f"train.micro_batch_size ({train.micro_batch_size})")
+    if data.samples_per_epoch < train.global_batch_size:
+        raise ConfigError(f"data.samples_per_epoch ({data.samples_per_epoch}) must be at least "
+                          f"train.global_batch_size ({train.global_batch_size})")
+    for key in ("a", "b"):
+        validate_network(getattr(config.networks, key), f"networks.{key}")
+    if world_size is not None:
+        validate_world_size(config, world_size)
+
+
+def validate_network(net: NetworkConfig, key: str) -> None:
+    if net.optimizer not in ("adamw", "sgd", "lars"):
+        raise ConfigError(f"{key}.optimizer must be adamw, sgd or lars, got {net.optimizer!r}")
+    if net.precision not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"{key}.precision must be auto, bf16 or fp32, got {net.precision!r}")
+    if not net.deepspeed:
+        raise ConfigError(f"{key}.deepspeed must name a DeepSpeed JSON (see ds_configs/)")
+
+
+def validate_world_size(config: Config, world_size: int) -> None:
+    train = config.train
+    per_step = world_size * train.micro_batch_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size ({train.global_batch_size}) must be divisible by world size × "
+            f"train.micro_batch_size ({world_size} × {train.micro_batch_size} = {per_step}); "
+            f"change one of them with --set")
+
+
+def gradient_accumulation_steps(config: Config, world_size: int) -> int:
+    return config.train.global_batch_size // (world_size * config.train.micro_batch_size)
+
+
+def steps_per_epoch(config: Config) -> int:
+    return max(1, config.data.samples_per_epoch // config.train.global_batch_size)
+
+
+def to_dict(config: Any) -> dict:
+    """Plain dict with the YAML spellings (`lambda`), for writing and checkpoints."""
+    if dataclasses.is_dataclass(config):
+        return {YAML_NAMES.get(f.name, f.name): to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, tuple):
+        return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
+    return config
+
+
+def from_dict(raw: dict) -> Config:
+    """Inverse of to_dict (used to rebuild a checkpoint's config)."""
+    config = build_dataclass(Config, raw, prefix="")
+    return config
+
+
+def write_config(config: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,81 @@
+"""A timm backbone (ViT or CNN) behind one interface: a pooled vector and a token grid.
+
+The timm model is held as `Backbone.model` on purpose: exporting a trained backbone strips
+the prefix `backbone.model.` and loads the rest strictly into
+`timm.create_model(arch, num_classes=0, **arch_kwargs)`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+from timm.models import is_model, model_entrypoint
+
+# timm modules whose models are plain ViTs (class token + patch tokens, `dynamic_img_size`).
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+class BackboneOutput(NamedTuple):
+    pooled: torch.Tensor  # (B, pooled_dim)
+    tokens: torch.Tensor  # (B, h*w, token_dim), row-major over the grid
+    grid: tuple[int, int]  # (h, w)
+
+
+def is_vit_arch(arch: str) -> bool:
+    if not is_model(arch):
+        raise ValueError(f"unknown timm architecture {arch!r} (networks.*.arch): "
+                         "use a name from timm.list_models(), e.g. vit_small_patch16_224 or resnet50")
+    return model_entrypoint(arch).__module__ in VIT_MODULES
+
+
+def create_timm_model(arch: str, arch_kwargs: dict, drop_path_rate: float) -> nn.Module:
+    """Randomly initialised timm model without classifier; never downloads weights."""
+    kwargs = dict(arch_kwargs)
+    if is_vit_arch(arch):
+        # Local crops (96 px) are smaller than the model's default size: interpolate pos-embeds.
+        kwargs.setdefault("dynamic_img_size", True)
+    return timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+
+
+class Backbone(nn.Module):
+    """ViT: pooled = class token after the final norm, tokens = patch tokens.
+    CNN: pooled = global average of the last stage, tokens = its feature map flattened."""
+
+    def __init__(self, arch: str, arch_kwargs: dict | None = None, drop_path_rate: float = 0.0,
+                 grad_checkpointing: bool = False):
+        super().__init__()
+        self.arch = arch
+        self.is_vit = is_vit_arch(arch)
+        self.model = create_timm_model(arch, arch_kwargs or {}, drop_path_rate)
+        if self.is_vit and getattr(self.model, "global_pool", None) != "token":
+            raise ValueError(f"{arch} with arch_kwargs {arch_kwargs}: MOKD needs a ViT pooled by its class "
+                             "token (global_pool='token', class_token=True)")
+        self.pooled_dim = self.model.num_features
+        self.token_dim = self.model.num_features
+        if grad_checkpointing:
+            # Recompute backbone activations in backward: ViT-L with 10 crops does not fit otherwise.
+            self.model.set_grad_checkpointing(True)
+
+    def forward(self, images: torch.Tensor) -> BackboneOutput:
+        features = self.model.forward_features(images)
+        if self.is_vit:
+            return self._vit_output(features, images.shape[-2:])
+        return self._cnn_output(features)
+
+    def _vit_output(self, features: torch.Tensor, image_size) -> BackboneOutput:
+        pooled = self.model.forward_head(features, pre_logits=True)
+        tokens = features[:, self.model.num_prefix_tokens:]
+        grid = tuple(self.model.patch_embed.dynamic_feat_size(tuple(image_size)))
+        if grid[0] * grid[1] != tokens.shape[1]:
+            raise RuntimeError(f"{self.arch}: {tokens.shape[1]} patch tokens do not fill a {grid} grid")
+        return BackboneOutput(pooled, tokens, grid)
+
+    def _cnn_output(self, features: torch.Tensor) -> BackboneOutput:
+        if features.ndim != 4:
+            raise ValueError(f"{self.arch}: expected a (B, C, h, w) feature map, got shape "
+                             f"{tuple(features.shape)}; only ViTs and CNNs are supported")
+        pooled = features.mean(dim=(2, 3))
+        tokens = features.flatten(2).transpose(1, 2)
+        return BackboneOutput(pooled, tokens, (features.shape[2], features.shape[3]))

@@ -1,0 +1,68 @@
+"""Run a function on several CPU ranks (gloo, localhost) inside a test.
+
+Each rank is a spawned process with its own process group. A failure on any rank raises
+in the test with that rank's traceback; a hang is killed at the timeout and fails the
+test instead of stalling CI.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mokd_scale.dist import free_port
+
+
+class RankFailed(AssertionError):
+    pass
+
+
+def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0):
+    """Call fn(rank, world_size, *args) on each rank; return rank 0's result."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    try:
+        return collect(results, processes, world_size, timeout)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+
+
+def collect(results, processes, world_size: int, timeout: float):
+    outcome: dict[int, tuple[bool, object]] = {}
+    try:
+        while len(outcome) < world_size:
+            rank, ok, value = results.get(timeout=timeout)
+            outcome[rank] = (ok, value)
+            if not ok:
+                raise RankFailed(f"rank {rank} failed:\n{value}")
+    except queue.Empty:
+        missing = sorted(set(range(world_size)) - set(outcome))
+        raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)") from None
+    return outcome[0][1]
+
+
+def rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    import torch
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        value = fn(rank, world_size, *args)
+        results.put((rank, True, value))
+    except BaseException:  # noqa: BLE001 - report everything, including SystemExit
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
