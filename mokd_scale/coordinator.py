@@ -1,0 +1,127 @@
+"""The MOKD step over two Learners (DESIGN.md section 2, invariant 5).
+
+Per micro-batch: both teachers forward on the global crops (no grad) → A's student forward,
+A's four losses, A's backward → the same for B. Only one student's activations are alive
+at a time; what passes between the networks (teacher outputs, queries) is detached.
+At the end of the optimizer step: both engines step, both teachers take an EMA step,
+both pairs of centres take their global-batch update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from mokd_scale import dist
+from mokd_scale.config import Config
+from mokd_scale.data import normalize_crops
+from mokd_scale.learner import Learner
+from mokd_scale.mokd_terms import TeacherOutputs, network_losses, teacher_forward
+from mokd_scale.schedules import Schedules
+
+TERMS = ("self_proj", "self_search", "cross_proj", "cross_search", "loss")
+PARTNER = {"a": "b", "b": "a"}
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss or gradient norm was NaN/inf on some rank; every rank raises it together."""
+
+    def __init__(self, network: str, term: str, step: int):
+        super().__init__(f"non-finite {term} in network {network} at step {step}")
+        self.network, self.term, self.step = network, term, step
+
+
+@dataclass
+class StepStats:
+    """Per-step sums on this rank, reduced across ranks only when a line is logged."""
+    terms: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+    images: int = 0
+    skipped: int = 0
+    teacher_entropy: dict[str, float] = field(default_factory=dict)
+    teacher_mean_probs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, config: Config, learners: dict[str, Learner], schedules: Schedules, device: torch.device):
+        self.config = config
+        self.learners = learners
+        self.schedules = schedules
+        self.device = device
+        self.mean = config.data.mean
+        self.std = config.data.std
+
+    def train_step(self, step: int, micro_batches: list[dict], inject_nan: bool = False) -> StepStats:
+        """One optimizer step of both networks over this rank's share of the global batch."""
+        values = self.schedules.at(step)
+        frozen = self.schedules.last_layer_frozen(step)
+        for name, learner in self.learners.items():
+            learner.apply_schedule(values[f"lr.{name}"], values[f"wd.{name}"], frozen)
+        stats = StepStats()
+        for batch in micro_batches:
+            self.micro_step(step, batch, values["teacher_temperature"], stats, inject_nan)
+        self.check_grad_norms(step)
+        for learner in self.learners.values():
+            learner.centers.update()
+            learner.update_teacher(values["teacher_momentum"])
+        return stats
+
+    def micro_step(self, step: int, batch: dict, teacher_temperature: float, stats: StepStats,
+                   inject_nan: bool) -> None:
+        crops = normalize_crops(batch["crops"], self.device, torch.float32, self.mean, self.std)
+        teacher_outputs = {name: self.teacher_outputs(learner, crops[:2]) for name, learner in self.learners.items()}
+        for name, learner in self.learners.items():
+            partner = PARTNER[name]
+            terms = network_losses(
+                learner.engine, crops, teacher_outputs[name], teacher_outputs[partner],
+                self.learners[partner].teacher, learner.centers, self.learners[partner].centers,
+                teacher_temperature, self.config.mokd.student_temperature, learner.net_cfg.lambda_cross,
+                compute_dtype=learner.dtype)
+            total = terms.total * float("nan") if inject_nan and name == "a" else terms.total
+            self.check_finite(name, terms._replace(total=total), step)
+            learner.engine.backward(total)
+            record_terms(stats, name, terms._replace(total=total))
+            del terms, total  # free this network's graph before the partner's forward
+        for learner in self.learners.values():
+            learner.engine.step()  # applies the update only at the accumulation boundary
+        for name, outputs in teacher_outputs.items():
+            self.learners[name].centers.accumulate(outputs.proj, outputs.search)
+            record_collapse(stats, name, outputs, self.learners[name].centers, teacher_temperature)
+        stats.micro_batches += 1
+        stats.images += crops[0].shape[0]
+        stats.skipped += int(batch.get("skipped", 0))
+
+    def teacher_outputs(self, learner: Learner, global_crops: list[torch.Tensor]) -> TeacherOutputs:
+        learner.teacher.train()  # batch statistics in BatchNorm, like the student sees
+        return teacher_forward(learner.teacher, global_crops, compute_dtype=learner.dtype)
+
+    def check_finite(self, name: str, terms, step: int) -> None:
+        """Agreed across ranks before any backward, so no rank steps or hangs alone."""
+        values = torch.stack([t.detach().float() for t in terms])
+        bad = torch.tensor([0.0 if torch.isfinite(values).all() else 1.0], device=self.device)
+        if dist.all_reduce_max(bad).item() > 0:
+            term = next((TERMS[i] for i, v in enumerate(values) if not math.isfinite(v.item())), "loss on another rank")
+            raise NonFiniteLoss(name, term, step)
+
+    def check_grad_norms(self, step: int) -> None:
+        """DeepSpeed's global norm is already reduced over ranks, so every rank sees the same value."""
+        for name, learner in self.learners.items():
+            if not math.isfinite(learner.global_grad_norm()):
+                raise NonFiniteLoss(name, "gradient norm", step)
+
+
+def record_terms(stats: StepStats, name: str, terms) -> None:
+    for term, value in zip(TERMS, terms):
+        key = f"{name}.{term}"
+        stats.terms[key] = stats.terms.get(key, 0.0) + float(value.detach())
+
+
+@torch.no_grad()
+def record_collapse(stats: StepStats, name: str, outputs: TeacherOutputs, centers, temperature: float) -> None:
+    """Teacher target entropy (→ 0: one-hot collapse) and the batch-mean target (→ uniform: uniform collapse)."""
+    probs = torch.softmax((torch.cat(outputs.proj) - centers.proj) / temperature, dim=-1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+    stats.teacher_entropy[name] = stats.teacher_entropy.get(name, 0.0) + float(entropy.sum())
+    total = probs.sum(dim=0)
+    stats.teacher_mean_probs[name] = stats.teacher_mean_probs.get(name, 0) + total

@@ -1,0 +1,122 @@
+"""Logged metrics: console line, TensorBoard scalars, and OUTPUT/metrics.jsonl.
+
+Per-step sums are reduced across ranks only at log steps (one all-reduce), so the logged
+losses are global-batch means whatever the number of ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from mokd_scale import dist
+from mokd_scale.coordinator import TERMS, StepStats
+
+NETWORKS = ("a", "b")
+
+
+class StepAccumulator:
+    """Sums StepStats between two log lines on this rank."""
+
+    def __init__(self, out_dim: int, device: torch.device):
+        self.out_dim = out_dim
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms = {f"{n}.{t}": 0.0 for n in NETWORKS for t in TERMS}
+        self.entropy = {n: 0.0 for n in NETWORKS}
+        self.mean_probs = {n: torch.zeros(self.out_dim, device=self.device) for n in NETWORKS}
+        self.micro_batches = self.images = self.skipped = self.steps = 0
+        self.started = time.monotonic()
+
+    def add(self, stats: StepStats) -> None:
+        for key, value in stats.terms.items():
+            self.terms[key] += value
+        for name in NETWORKS:
+            self.entropy[name] += stats.teacher_entropy.get(name, 0.0)
+            if name in stats.teacher_mean_probs:
+                self.mean_probs[name] += stats.teacher_mean_probs[name]
+        self.micro_batches += stats.micro_batches
+        self.images += stats.images
+        self.skipped += stats.skipped
+        self.steps += 1
+
+    def reduce(self) -> dict[str, float]:
+        """Global means over all ranks and steps since the last reset. A collective."""
+        keys = list(self.terms)
+        scalars = torch.tensor([self.terms[k] for k in keys] + [self.entropy[n] for n in NETWORKS]
+                               + [self.micro_batches, self.images, self.skipped], dtype=torch.float64,
+                               device=self.device)
+        probs = torch.stack([self.mean_probs[n] for n in NETWORKS]).double()
+        dist.all_reduce_sum(scalars)
+        dist.all_reduce_sum(probs)
+        micro, images, skipped = scalars[-3:].tolist()
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        out = {k: scalars[i].item() / max(micro, 1) for i, k in enumerate(keys)}
+        log_k = math.log(self.out_dim)
+        for i, name in enumerate(NETWORKS):
+            views = max(2 * images, 1)  # two global views per image reach the teacher
+            out[f"{name}.teacher_entropy_ratio"] = scalars[len(keys) + i].item() / views / log_k
+            mean = probs[i] / views
+            out[f"{name}.teacher_kl_uniform"] = float((mean * torch.log(mean.clamp_min(1e-12) * self.out_dim)).sum())
+        out["images_per_s"] = images / elapsed
+        out["skipped_samples"] = skipped
+        out["seconds_per_step"] = elapsed / max(self.steps, 1)
+        return out
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class MetricsWriter:
+    """Rank 0 writes; other ranks hold a writer that does nothing."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.jsonl = None
+        self.tensorboard = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(output_dir / "metrics.jsonl", "a", buffering=1)
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(key.replace(".", "/"), value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def console_line(step: int, total: int, values: dict[str, float], eta_seconds: float) -> str:
+    parts = [f"step {step}/{total}"]
+    for name in NETWORKS:
+        terms = " ".join(f"{values[f'{name}.{t}']:.4f}" for t in TERMS[:4])
+        parts.append(f"{name}: loss {values[f'{name}.loss']:.4f} [sp ss cp cs: {terms}] "
+                     f"lr {values.get(f'lr.{name}', 0):.2e} H/lnK {values[f'{name}.teacher_entropy_ratio']:.3f}")
+    parts.append(f"m {values.get('teacher_momentum', 0):.5f} tT {values.get('teacher_temperature', 0):.3f}")
+    parts.append(f"{values['images_per_s']:.1f} img/s ETA {format_duration(eta_seconds)}")
+    parts.append(f"mem {values.get('peak_memory_gib', 0):.2f} GiB skipped {int(values['skipped_samples'])}")
+    return " | ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

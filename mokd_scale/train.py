@@ -1,0 +1,194 @@
+"""mokd-train: train a MOKD pair end to end.
+
+    mokd-train --config tiny_cpu|r50_vits16|vitl16_r152|PATH.yaml [--set key=value ...] [--resume auto|none|PATH]
+
+Launch with torchrun, with srun inside a Slurm job (see slurm/), or as one process.
+Exit codes: 0 finished (or stopped after train.stop_after_steps), 2 bad config or usage,
+3 non-finite loss (a diagnostic checkpoint is kept), 75 preempted (checkpoint saved; requeue me).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mokd_scale import checkpoint, dist
+from mokd_scale.config import Config, ConfigError, load_config, to_dict, validate_world_size, write_config
+from mokd_scale.coordinator import Coordinator, NonFiniteLoss
+from mokd_scale.learner import Learner
+from mokd_scale.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
+from mokd_scale.models import pair_search_dim
+from mokd_scale.schedules import Schedules
+
+EXIT_CONFIG = 2
+EXIT_NON_FINITE = 3
+EXIT_PREEMPTED = 75
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mokd-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe name (mokd_scale/configs/) or YAML path")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override recipe fields, e.g. --set train.steps=100 networks.a.lr=3e-4")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: from OUTPUT/checkpoints/latest when present; none: fresh; or a checkpoint path")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.set)
+        validate_world_size(config, int(dist.launch_env(dict(os.environ))["WORLD_SIZE"]))
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"mokd-train: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    info = dist.init_distributed()
+    try:
+        return Trainer(config, info, args.resume).run()
+    finally:
+        dist.destroy()
+
+
+class PreemptionFlag:
+    """SIGUSR1 (Slurm's warning before the time limit) or SIGTERM (preemption) → save and exit 75."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+class Trainer:
+    def __init__(self, config: Config, info: dist.DistInfo, resume: str):
+        self.config = config
+        self.info = info
+        self.output_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.resume_dir = checkpoint.resolve_resume(resume, self.checkpoint_dir)
+        self.log(f"mokd-train rank {info.rank}/{info.world_size} ready on {info.device}", all_ranks=True)
+        self.schedules = Schedules.build(config)
+        self.start_step = 0
+        self.learners = self.build_learners()
+        self.coordinator = Coordinator(config, self.learners, self.schedules, info.device)
+        self.preemption = PreemptionFlag()
+        self.writer = MetricsWriter(self.output_dir, enabled=info.is_main)
+
+    def log(self, message: str, all_ranks: bool = False) -> None:
+        if all_ranks or self.info.is_main:
+            prefix = f"[rank{self.info.rank}] " if all_ranks else ""
+            print(prefix + message, flush=True)
+
+    def build_learners(self) -> dict[str, Learner]:
+        # Identical initial weights on every rank: the teachers are copied before DeepSpeed broadcasts.
+        torch.manual_seed(self.config.seed)
+        state = checkpoint.load_state(self.resume_dir) if self.resume_dir else None
+        search_dim = pair_search_dim(self.config)
+        learners = {}
+        for name in ("a", "b"):
+            learners[name] = Learner(name, self.config, search_dim, self.info.device, self.info.world_size)
+        if state is not None:
+            self.restore(learners, state)
+        seed_everything(self.config.seed * 1000 + self.info.rank + self.start_step)
+        return learners
+
+    def restore(self, learners: dict[str, Learner], state: dict) -> None:
+        stages = {learner.zero_stage for learner in learners.values()}
+        if any(checkpoint.needs_universal(state, stage) for stage in stages):
+            raise RuntimeError(
+                f"checkpoint {self.resume_dir} was saved by {state.get('world_size')} ranks with ZeRO sharding; "
+                f"this run has {self.info.world_size}. Resume on {state.get('world_size')} ranks, or consolidate "
+                f"first: see README 'Changing the number of nodes'.")
+        checkpoint.restore(self.resume_dir, learners, state)
+        self.start_step = int(state["step"])
+        self.log(f"resumed from {self.resume_dir.name} (step {self.start_step}, saved by "
+                 f"{state.get('world_size')} ranks)")
+
+    def run(self) -> int:
+        if self.info.is_main:
+            write_config(self.config, self.output_dir / "config.yaml")
+        train = self.config.train
+        end = train.steps
+        if train.stop_after_steps > 0:
+            end = min(end, self.start_step + train.stop_after_steps)
+        try:
+            return self.loop(self.start_step, end)
+        except NonFiniteLoss as error:
+            self.save_diagnostic(error.step)
+            self.log(f"mokd-train: {error}; diagnostic checkpoint in {self.diagnostic_dir(error.step)}; "
+                     f"lower the lr or check the data", all_ranks=True)
+            return EXIT_NON_FINITE
+        finally:
+            self.writer.close()
+
+    def loop(self, start: int, end: int) -> int:
+        from mokd_scale.data import build_train_loader
+        train = self.config.train
+        batches = iter(build_train_loader(self.config.data, train.micro_batch_size, train.global_batch_size,
+                                          self.info.rank, self.info.world_size, self.config.seed, start))
+        accumulation = train.global_batch_size // (self.info.world_size * train.micro_batch_size)
+        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device)
+        inject_nan_at = int(os.environ.get("MOKD_TEST_NAN_AT_STEP", "-1"))  # fault injection for tests
+        self.log(f"training steps {start}..{end} of {train.steps}; {accumulation} micro-batch(es) of "
+                 f"{train.micro_batch_size} per rank per step")
+        step = start
+        while step < end:
+            micro_batches = [next(batches) for _ in range(accumulation)]
+            nan_here = step == inject_nan_at and self.info.rank == int(os.environ.get("MOKD_TEST_NAN_RANK", "0"))
+            meter.add(self.coordinator.train_step(step, micro_batches, inject_nan=nan_here))
+            step += 1
+            if step % train.log_every == 0 or step == end:
+                self.log_metrics(step, meter)
+            if dist.any_rank(self.preemption.raised, self.info.device):
+                self.save(step)
+                self.log(f"preempted: checkpoint {checkpoint.tag_for(step)} saved; exiting {EXIT_PREEMPTED} to requeue",
+                         all_ranks=True)
+                return EXIT_PREEMPTED
+            if step % train.checkpoint_every == 0 or step == end:
+                self.save(step)
+        self.log(f"done at step {step}")
+        return 0
+
+    def log_metrics(self, step: int, meter: StepAccumulator) -> None:
+        values = meter.reduce()
+        values.update(self.schedules.at(step - 1))
+        values["peak_memory_gib"] = peak_memory_gib(self.info.device)
+        remaining = self.config.train.steps - step
+        self.log(console_line(step, self.config.train.steps, values, remaining * values["seconds_per_step"]))
+        self.writer.write(step, values)
+        meter.reset()
+
+    def save(self, step: int) -> None:
+        started = time.monotonic()
+        extra = {"config": to_dict(self.config), "data": {"step": step}}
+        tag = checkpoint.save_checkpoint(self.checkpoint_dir, step, self.learners, extra, self.config.train.keep_last)
+        self.log(f"checkpoint {tag} saved in {time.monotonic() - started:.1f} s")
+
+    def diagnostic_dir(self, step: int) -> Path:
+        return self.output_dir / f"diagnostic_step_{step:08d}"
+
+    def save_diagnostic(self, step: int) -> None:
+        """Weights as they were when the loss went bad, outside checkpoints/ so resume never picks them."""
+        extra = {"config": to_dict(self.config), "data": {"step": step}, "diagnostic": True}
+        checkpoint.save_checkpoint(self.diagnostic_dir(step), step, self.learners, extra, keep_last=1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
