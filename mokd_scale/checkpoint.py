@@ -126,13 +126,26 @@ def load_state(tag_dir: Path) -> dict:
     return torch.load(tag_dir / STATE_FILE, map_location="cpu", weights_only=False)
 
 
-def restore(tag_dir: Path, learners: dict, state: dict, load_optimizer: bool = True) -> None:
-    """Load engines, teachers, centres and (same world size) this rank's RNG."""
+ENGINE, UNIVERSAL, WEIGHTS_ONLY = "engine", "universal", "weights_only"
+
+
+def resume_plan(state: dict, zero_stage: int, optimizer: str) -> str:
+    """How to load one engine. ZeRO optimizer state is partitioned by the saving world size:
+    another size loads DeepSpeed's universal copy (Adam-family only) or fp32 weights alone."""
+    if zero_stage == 0 or state.get("world_size") == dist.world_size():
+        return ENGINE
+    return UNIVERSAL if optimizer == "adamw" else WEIGHTS_ONLY
+
+
+def restore(tag_dir: Path, learners: dict, state: dict, plans: dict[str, str]) -> None:
+    """Load engines (per plan), teachers, centres and, at the same world size, this rank's RNG."""
     for name, learner in learners.items():
-        path, _ = learner.engine.load_checkpoint(str(tag_dir), tag=name, load_optimizer_states=load_optimizer,
-                                                 load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"checkpoint {tag_dir} has no engine state for network {name}")
+        plan = plans.get(name, ENGINE)
+        if plan != WEIGHTS_ONLY:  # weights-only students were loaded before deepspeed.initialize
+            engine_tag = universal_dir_name(name) if plan == UNIVERSAL else name
+            path, _ = learner.engine.load_checkpoint(str(tag_dir), tag=engine_tag, load_lr_scheduler_states=False)
+            if path is None:
+                raise FileNotFoundError(f"checkpoint {tag_dir} has no engine state for network {name}")
         learner.teacher.load_state_dict(state["teachers"][name])
         learner.centers.load_state_dict(state["centers"][name])
     rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
@@ -140,9 +153,10 @@ def restore(tag_dir: Path, learners: dict, state: dict, load_optimizer: bool = T
         restore_rng(torch.load(rng_file, weights_only=False))
 
 
-def needs_universal(state: dict, zero_stage: int) -> bool:
-    """ZeRO optimizer state is partitioned by the saving world size; other sizes load a universal copy."""
-    return zero_stage > 0 and state.get("world_size") != dist.world_size()
+def consolidated_student(tag_dir: Path, name: str) -> dict:
+    """fp32 student weights rebuilt from any ZeRO stage's shards (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag=name)
 
 
 def universal_dir_name(name: str) -> str:
@@ -155,7 +169,7 @@ def convert_to_universal(tag_dir: Path, name: str) -> None:
     if dist.rank() == 0 and not (target / ".complete").exists():
         command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                    "--input_folder", str(tag_dir / name), "--output_folder", str(target), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1", "--no_strict"]
+                   "--num_merge_workers", "1", "--inject_missing_state"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"converting {tag_dir / name} to a universal checkpoint failed; run by hand:\n  "

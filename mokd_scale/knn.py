@@ -103,10 +103,12 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def extract_local_features(models: dict[str, nn.Module], loader, device: torch.device,
-                           max_samples: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+                           max_samples: int = 0, normalize: bool = True
+                           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Run every model on this rank's eval batches (images loaded once for all models).
 
-    Returns ({name: (n, d) fp32 L2-normalised features}, labels (n,), sample indices (n,)).
+    Returns ({name: (n, d) fp32 features, L2-normalised unless normalize=False}, labels (n,),
+    sample indices (n,)).
     """
     features: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels, indices, seen = [], [], 0
@@ -114,7 +116,8 @@ def extract_local_features(models: dict[str, nn.Module], loader, device: torch.d
         images = batch["image"].to(device, non_blocking=True)
         with _autocast(device):
             for name, model in models.items():
-                features[name].append(F.normalize(model(images).float(), dim=1))
+                output = model(images).float()
+                features[name].append(F.normalize(output, dim=1) if normalize else output)
         labels.append(batch["label"].to(device))
         indices.append(batch["index"].to(device))
         seen += images.shape[0]
@@ -152,10 +155,13 @@ def feature_width(model: nn.Module) -> int:
 
 
 def collect_features(models: dict[str, nn.Module], loader, device: torch.device,
-                     world_size: int, max_samples: int = 0):
-    """Extract on this rank, gather across ranks; features sorted by global sample index."""
+                     world_size: int, max_samples: int = 0, normalize: bool = True):
+    """Extract on this rank, gather across ranks; features sorted by global sample index.
+
+    max_samples caps the work: each rank stops after its share (so which samples are used
+    then depends on the world size)."""
     per_rank_cap = -(-max_samples // world_size) if max_samples else 0
-    feats, labels, indices = extract_local_features(models, loader, device, per_rank_cap)
+    feats, labels, indices = extract_local_features(models, loader, device, per_rank_cap, normalize)
     return gather_features(feats, labels, indices, world_size)
 
 

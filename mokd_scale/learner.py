@@ -61,12 +61,10 @@ def build_optimizer(net: NetworkConfig, groups: list[dict]) -> torch.optim.Optim
 def deepspeed_config(net: NetworkConfig, config: Config, world_size: int, dtype: torch.dtype,
                      load_universal: bool = False) -> dict:
     """The network's ds_configs JSON with batch sizes and precision filled in from the recipe."""
-    path = Path(net.deepspeed)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {net.deepspeed!r} not found (networks.X.deepspeed; see ds_configs/)")
-    ds = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    ds = read_deepspeed_json(net)
+    if net.optimizer == "lars" and ds.get("zero_optimization", {}).get("stage", 0) > 0:
+        raise ValueError(f"{net.arch}: LARS needs whole per-layer tensors, but ZeRO stage > 0 hands the optimizer "
+                         f"flat partitions; use optimizer sgd, or ds_configs/zero0_fp32_cpu.json-style stage 0")
     accumulation = gradient_accumulation_steps(config, world_size)
     ds["train_micro_batch_size_per_gpu"] = config.train.micro_batch_size
     ds["gradient_accumulation_steps"] = accumulation
@@ -78,16 +76,31 @@ def deepspeed_config(net: NetworkConfig, config: Config, world_size: int, dtype:
     return ds
 
 
+def read_deepspeed_json(net: NetworkConfig) -> dict:
+    path = Path(net.deepspeed)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {net.deepspeed!r} not found (networks.X.deepspeed; see ds_configs/)")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def zero_stage_of(net: NetworkConfig) -> int:
+    return int(read_deepspeed_json(net).get("zero_optimization", {}).get("stage", 0))
+
+
 class Learner:
     """Network `name` ("a" or "b"): engine(student), fp32 teacher, centres, schedules applied per step."""
 
     def __init__(self, name: str, config: Config, search_dim: int, device: torch.device, world_size: int,
-                 load_universal: bool = False):
+                 load_universal: bool = False, initial_weights: dict | None = None):
         self.name = name
         self.net_cfg: NetworkConfig = getattr(config.networks, name)
         self.dtype = resolve_precision(self.net_cfg.precision, device)
         self.device = device
         student = build_network(self.net_cfg, config.mokd, search_dim)
+        if initial_weights is not None:  # a resume that cannot load the engine's own shards
+            student.load_state_dict(initial_weights)
         if device.type == "cuda" and world_size > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         student.to(device)

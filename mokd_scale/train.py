@@ -22,7 +22,7 @@ import torch
 from mokd_scale import checkpoint, dist
 from mokd_scale.config import Config, ConfigError, load_config, to_dict, validate_world_size, write_config
 from mokd_scale.coordinator import Coordinator, NonFiniteLoss
-from mokd_scale.learner import Learner
+from mokd_scale.learner import Learner, zero_stage_of
 from mokd_scale.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
 from mokd_scale.models import pair_search_dim
 from mokd_scale.schedules import Schedules
@@ -91,29 +91,39 @@ class Trainer:
             print(prefix + message, flush=True)
 
     def build_learners(self) -> dict[str, Learner]:
+        state = checkpoint.load_state(self.resume_dir) if self.resume_dir else None
+        plans = self.resume_plans(state) if state is not None else {}
         # Identical initial weights on every rank: the teachers are copied before DeepSpeed broadcasts.
         torch.manual_seed(self.config.seed)
-        state = checkpoint.load_state(self.resume_dir) if self.resume_dir else None
         search_dim = pair_search_dim(self.config)
         learners = {}
         for name in ("a", "b"):
-            learners[name] = Learner(name, self.config, search_dim, self.info.device, self.info.world_size)
+            plan = plans.get(name)
+            weights = checkpoint.consolidated_student(self.resume_dir, name) if plan == checkpoint.WEIGHTS_ONLY else None
+            learners[name] = Learner(name, self.config, search_dim, self.info.device, self.info.world_size,
+                                     load_universal=plan == checkpoint.UNIVERSAL, initial_weights=weights)
         if state is not None:
-            self.restore(learners, state)
+            checkpoint.restore(self.resume_dir, learners, state, plans)
+            self.start_step = int(state["step"])
+            self.log(f"resumed from {self.resume_dir.name} (step {self.start_step}, saved by "
+                     f"{state.get('world_size')} ranks, now {self.info.world_size})")
         seed_everything(self.config.seed * 1000 + self.info.rank + self.start_step)
         return learners
 
-    def restore(self, learners: dict[str, Learner], state: dict) -> None:
-        stages = {learner.zero_stage for learner in learners.values()}
-        if any(checkpoint.needs_universal(state, stage) for stage in stages):
-            raise RuntimeError(
-                f"checkpoint {self.resume_dir} was saved by {state.get('world_size')} ranks with ZeRO sharding; "
-                f"this run has {self.info.world_size}. Resume on {state.get('world_size')} ranks, or consolidate "
-                f"first: see README 'Changing the number of nodes'.")
-        checkpoint.restore(self.resume_dir, learners, state)
-        self.start_step = int(state["step"])
-        self.log(f"resumed from {self.resume_dir.name} (step {self.start_step}, saved by "
-                 f"{state.get('world_size')} ranks)")
+    def resume_plans(self, state: dict) -> dict[str, str]:
+        plans = {}
+        for name in ("a", "b"):
+            net = getattr(self.config.networks, name)
+            plans[name] = checkpoint.resume_plan(state, zero_stage_of(net), net.optimizer)
+            if plans[name] == checkpoint.UNIVERSAL:
+                self.log(f"network {name}: saved by {state.get('world_size')} ranks, resuming on "
+                         f"{self.info.world_size}: converting to a DeepSpeed universal checkpoint")
+                checkpoint.convert_to_universal(self.resume_dir, name)
+            elif plans[name] == checkpoint.WEIGHTS_ONLY:
+                self.log(f"WARNING network {name}: {net.optimizer} state sharded over {state.get('world_size')} "
+                         f"ranks cannot be re-sharded onto {self.info.world_size} (DeepSpeed's universal format "
+                         f"is Adam-only): fp32 weights restored, {net.optimizer} momentum restarts from zero")
+        return plans
 
     def run(self) -> int:
         if self.info.is_main:

@@ -117,6 +117,16 @@ def _draw_plan(rng: random.Random, recipe: CropRecipe, width: int, height: int) 
 
 # ---- pixel operations (PIL, uint8), each equal to torchvision's PIL implementation ----
 
+def _apply_table(img: Image.Image, table: list[int]) -> Image.Image:
+    """`img.point(table)` without Pillow re-rounding the 768 entries in Python on every call
+    (that alone cost ~0.8 ms per image); falls back to `point` if Pillow's core API changes."""
+    try:
+        img.load()
+        return img._new(img.im.point(table, None))
+    except AttributeError:
+        return img.point(table)
+
+
 def _clip_table(values: np.ndarray) -> list[int]:
     return np.clip(values, 0, 255).astype(np.uint8).tolist() * 3
 
@@ -127,12 +137,12 @@ _SOLARIZE_TABLE = [i if i < 128 else 255 - i for i in range(256)] * 3
 
 def _brightness(img: Image.Image, factor: float) -> Image.Image:
     # PIL's blend with black truncates toward zero; the table does the same.
-    return img.point(_clip_table(np.trunc(_IDENTITY * np.float32(factor))))
+    return _apply_table(img, _clip_table(np.trunc(_IDENTITY * np.float32(factor))))
 
 
 def _contrast(img: Image.Image, factor: float) -> Image.Image:
     mean = int(ImageStat.Stat(img.convert("L")).mean[0] + 0.5)
-    return img.point(_clip_table(np.trunc(mean + np.float32(factor) * (_IDENTITY - mean))))
+    return _apply_table(img, _clip_table(np.trunc(mean + np.float32(factor) * (_IDENTITY - mean))))
 
 
 def _saturation(img: Image.Image, factor: float) -> Image.Image:
@@ -140,11 +150,11 @@ def _saturation(img: Image.Image, factor: float) -> Image.Image:
 
 
 def _hue(img: Image.Image, shift: float) -> Image.Image:
-    hue, sat, val = img.convert("HSV").split()
-    # int() then wrap mod 256, as numpy's uint8 addition of hue*255 does in torchvision.
+    # int() then wrap mod 256, as numpy's uint8 addition of hue*255 does in torchvision; shifting
+    # the H band with a table on the 3-band HSV image saves torchvision's split/merge round trip.
     step = int(shift * 255) % 256
-    hue = hue.point([(i + step) % 256 for i in range(256)])
-    return Image.merge("HSV", (hue, sat, val)).convert("RGB")
+    table = [(i + step) % 256 for i in range(256)] + list(range(256)) * 2
+    return _apply_table(img.convert("HSV"), table).convert("RGB")
 
 
 def _color_jitter(img: Image.Image, jitter: tuple) -> Image.Image:
@@ -161,21 +171,40 @@ def _color_jitter(img: Image.Image, jitter: tuple) -> Image.Image:
     return img
 
 
-def _render_crop(source: Image.Image, scale_xy: tuple[float, float], plan: _CropPlan,
+def _resize_box(source: torch.Tensor, box, size: int) -> np.ndarray:
+    """Crop `box` (left, top, w, h; source pixels) of a (1,3,H,W) channels-last uint8 tensor and
+    resize it to size x size: bicubic with antialiasing, which matches PIL's BICUBIC resize to within
+    rounding and runs ~5x faster than PIL on uint8 (torch's vectorised uint8 path)."""
+    left, top, w, h = box
+    region = source[:, :, top:top + h, left:left + w]
+    out = torch.nn.functional.interpolate(region, size=(size, size), mode="bicubic", antialias=True)
+    return out[0].permute(1, 2, 0).numpy()  # HWC view, contiguous for a channels-last result
+
+
+def _needs_pixel_ops(plan: _CropPlan) -> bool:
+    return plan.jitter is not None or plan.gray or plan.blur_sigma is not None or plan.solarize
+
+
+def _render_crop(source: torch.Tensor, scale_xy: tuple[float, float], plan: _CropPlan,
                  size: int) -> np.ndarray:
-    left, top, w, h = plan.box
     sx, sy = scale_xy
-    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    img = source.resize((size, size), Image.BICUBIC, box=box)
-    if plan.jitter is not None:
-        img = _color_jitter(img, plan.jitter)
-    if plan.gray:
-        img = img.convert("L").convert("RGB")
-    if plan.blur_sigma is not None:
-        img = img.filter(ImageFilter.GaussianBlur(radius=plan.blur_sigma))
-    if plan.solarize:
-        img = img.point(_SOLARIZE_TABLE)
-    pixels = np.asarray(img)
+    left, top, w, h = plan.box
+    box = (int(round(left * sx)), int(round(top * sy)), max(1, int(round(w * sx))),
+           max(1, int(round(h * sy))))
+    pixels = _resize_box(source, box, size)
+    if _needs_pixel_ops(plan):
+        img = Image.fromarray(pixels)
+        if plan.jitter is not None:
+            img = _color_jitter(img, plan.jitter)
+        if plan.gray:
+            img = img.convert("L")  # blur and solarize act per channel: do them on one channel
+        if plan.blur_sigma is not None:
+            img = img.filter(ImageFilter.GaussianBlur(radius=plan.blur_sigma))
+        if plan.solarize:
+            img = _apply_table(img, _SOLARIZE_TABLE[:256] * len(img.getbands()))
+        pixels = np.asarray(img)
+        if plan.gray:
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     # Flip is last: every op above is mirror-symmetric, so the order does not change the result.
     return pixels[:, ::-1] if plan.flip else pixels
 
@@ -192,13 +221,17 @@ def open_image(data: bytes) -> Image.Image:
 
 
 def decode_for_plans(img: Image.Image, plans: list[_CropPlan], sizes: list[int]):
-    """Decode `img` at the smallest resolution the plans allow; returns (RGB image, (sx, sy))."""
+    """Decode `img` at the smallest resolution the plans allow; returns ((1,3,H,W) uint8 tensor,
+    (sx, sy) = decoded size / full size)."""
     width, height = img.size
     reduction = _jpeg_reduction(plans, sizes)
     if reduction > 1 and img.format == "JPEG":
         img.draft("RGB", (math.ceil(width / reduction), math.ceil(height / reduction)))
     img = img.convert("RGB")  # forces the (possibly reduced) decode; raises on corrupt data
-    return img, (img.size[0] / width, img.size[1] / height)
+    scale_xy = (img.size[0] / width, img.size[1] / height)
+    # (1, 3, H, W) view with channels-last strides: what torch's fast uint8 resize wants.
+    source = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).unsqueeze(0)
+    return source, scale_xy
 
 
 class MultiCrop:

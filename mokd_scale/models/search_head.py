@@ -5,6 +5,11 @@ embedding (resized to the crop's grid) and, optionally, a query token in front: 
 network's detached summary of a local crop. Pre-norm transformer blocks let the patch tokens
 attend to the query, the query is dropped, the patch tokens are averaged, and a
 weight-normalised linear layer gives K logits.
+
+The pooled feature is L2-normalised before that layer, as in the projection head: the
+logits are then (scaled) cosine similarities, bounded like the projection head's, so both
+heads' softmaxes at the same temperatures are equally sharp. (The design names no
+normalisation here; without it the logits grow with sqrt(D) and the targets start one-hot.)
 """
 from __future__ import annotations
 
@@ -73,4 +78,5 @@ class SearchHead(nn.Module):
             tokens = block(tokens)
         if query is not None:
             tokens = tokens[:, 1:]
-        return self.last_layer(self.norm(tokens).mean(dim=1))
+        pooled = self.norm(tokens).mean(dim=1)
+        return self.last_layer(F.normalize(pooled, dim=-1))
