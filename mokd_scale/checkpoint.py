@@ -56,6 +56,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state
     tag_dir = Path(checkpoint_dir) / tag
     for name, learner in learners.items():
         learner.engine.save_checkpoint(str(tag_dir), tag=name, save_latest=False)
+        kill_here_for_tests(step)
     torch.save(rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
     if dist.rank() == 0:
         state = {**extra_state, "step": step, "world_size": dist.world_size(),
@@ -68,6 +69,12 @@ def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state
         prune(Path(checkpoint_dir), keep_last)
     dist.barrier()
     return tag
+
+
+def kill_here_for_tests(step: int) -> None:
+    """Fault injection: MOKD_TEST_KILL_IN_SAVE=<step> dies by SIGKILL between the two engines' saves."""
+    if os.environ.get("MOKD_TEST_KILL_IN_SAVE") == str(step):
+        os.kill(os.getpid(), 9)
 
 
 def save_atomically(obj, path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import time
 import traceback
 
 import torch.distributed as dist
@@ -39,17 +40,29 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120
 
 
 def collect(results, processes, world_size: int, timeout: float):
+    """Wait for every rank; fail fast when one dies without reporting (e.g. killed, segfault)."""
     outcome: dict[int, tuple[bool, object]] = {}
-    try:
-        while len(outcome) < world_size:
-            rank, ok, value = results.get(timeout=timeout)
-            outcome[rank] = (ok, value)
-            if not ok:
-                raise RankFailed(f"rank {rank} failed:\n{value}")
-    except queue.Empty:
-        missing = sorted(set(range(world_size)) - set(outcome))
-        raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)") from None
+    deadline = time.monotonic() + timeout
+    while len(outcome) < world_size:
+        try:
+            rank, ok, value = results.get(timeout=1.0)
+        except queue.Empty:
+            check_alive(processes, outcome, deadline, timeout)
+            continue
+        outcome[rank] = (ok, value)
+        if not ok:
+            raise RankFailed(f"rank {rank} failed:\n{value}")
     return outcome[0][1]
+
+
+def check_alive(processes, outcome: dict, deadline: float, timeout: float) -> None:
+    for rank, process in enumerate(processes):
+        # Exit code 0 means its result may still be in the queue's pipe: keep waiting for it.
+        if rank not in outcome and process.exitcode not in (None, 0):
+            raise RankFailed(f"rank {rank} died with exit code {process.exitcode} without reporting")
+    if time.monotonic() > deadline:
+        missing = sorted(set(range(len(processes))) - set(outcome))
+        raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)")
 
 
 def rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:

@@ -1,0 +1,185 @@
+"""End-to-end training behaviour on CPU: resume, checkpoints, faults, ZeRO stages (issue 5).
+
+Every run is the real mokd-train entry point (in-process on spawned gloo ranks, or as a
+subprocess where the test kills it), with tiny models and the synthetic source so that a
+global batch depends only on the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mokd_scale.checkpoint import read_latest
+from tests.dist_harness import run_on_ranks
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["data.source=synthetic", "train.global_batch_size=16", "train.micro_batch_size=8",
+        "data.samples_per_epoch=160", "train.log_every=1", "train.checkpoint_every=1000",
+        "mokd.out_dim=256", "data.synthetic_image_size=36", "data.workers=0"]
+
+
+def train(rank, world_size, overrides, resume="auto", env=None, capture=False):
+    """mokd-train on this rank; returns (exit code, console output)."""
+    from mokd_scale.train import main
+    os.environ.update(env or {})
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output) if capture else contextlib.nullcontext():
+        code = main(["--config", "tiny_cpu", "--resume", resume, "--set", *TINY, *overrides])
+    return code, output.getvalue()
+
+
+def expect_code(rank, world_size, expected, overrides, resume="auto", env=None):
+    code, output = train(rank, world_size, overrides, resume, env, capture=True)
+    assert code == expected, f"rank {rank} exited {code}, expected {expected}:\n{output}"
+    return output
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def teacher_weights(output_dir: Path, tag: str | None = None) -> dict:
+    tag = tag or read_latest(output_dir / "checkpoints")
+    state = torch.load(output_dir / "checkpoints" / tag / "mokd_state.pt", weights_only=False)
+    return state["teachers"]
+
+
+LOSS_KEYS = [f"{n}.{t}" for n in "ab" for t in ("self_proj", "self_search", "cross_proj", "cross_search", "loss")]
+
+
+def test_resume_equals_straight_run(tmp_path):
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    run_on_ranks(expect_code, 2, (0, ["train.steps=4", f"output_dir={straight}"]), timeout=240)
+    run_on_ranks(expect_code, 2, (0, ["train.steps=4", "train.stop_after_steps=2", f"output_dir={sliced}"]),
+                 timeout=240)
+    assert read_latest(sliced / "checkpoints") == "step_00000002"
+    output = run_on_ranks(expect_code, 2, (0, ["train.steps=4", f"output_dir={sliced}"]), timeout=240)
+    assert "resumed from step_00000002" in output
+    a, b = metrics(straight), metrics(sliced)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for left, right in zip(a, b):
+        for key in LOSS_KEYS:
+            assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-7), (left["step"], key)
+    for name in "ab":
+        straight_teacher, sliced_teacher = teacher_weights(straight)[name], teacher_weights(sliced)[name]
+        for key, value in straight_teacher.items():
+            torch.testing.assert_close(sliced_teacher[key], value, rtol=0, atol=0, msg=key)
+
+
+ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
+                2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
+
+
+def zero_stage_run(tmp_path: Path, stage: int) -> list[dict]:
+    out = tmp_path / f"zero{stage}"
+    path = ZERO_CONFIGS[stage]
+    run_on_ranks(expect_code, 2, (0, ["train.steps=3", f"output_dir={out}", f"networks.a.deepspeed={path}",
+                                      f"networks.b.deepspeed={path}", "networks.b.optimizer=sgd",
+                                      "networks.b.lr=0.05"]), timeout=240)
+    return metrics(out)
+
+
+def test_zero_stages_match_zero0(tmp_path):
+    reference = zero_stage_run(tmp_path, 0)
+    for stage in (1, 2, 3):
+        run = zero_stage_run(tmp_path, stage)
+        assert len(run) == len(reference) == 3
+        for left, right in zip(reference, run):
+            for key in LOSS_KEYS:
+                assert right[key] == pytest.approx(left[key], rel=1e-4), (stage, left["step"], key)
+
+
+def test_resume_from_two_ranks_onto_one(tmp_path):
+    """ZeRO-2 optimizer shards of 2 ranks: AdamW goes through DeepSpeed's universal format, SGD via fp32 weights."""
+    out = tmp_path / "run"
+    zero2 = [f"networks.a.deepspeed={ZERO_CONFIGS[2]}", f"networks.b.deepspeed={ZERO_CONFIGS[2]}",
+             "networks.b.optimizer=sgd", "networks.b.lr=0.05", "train.steps=4", f"output_dir={out}"]
+    run_on_ranks(expect_code, 2, (0, zero2 + ["train.stop_after_steps=2"]), timeout=240)
+    saved = teacher_weights(out)
+    output = run_on_ranks(expect_code, 1, (0, zero2 + ["train.stop_after_steps=1"]), timeout=240)
+    assert "resumed from step_00000002" in output and "saved by 2 ranks, now 1" in output
+    assert "converting to a DeepSpeed universal checkpoint" in output
+    assert (out / "checkpoints" / "step_00000002" / "a_universal").is_dir()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    resumed = teacher_weights(out, "step_00000003")
+    # The teachers continued from the saved ones (one EMA step away), not from a fresh start.
+    for name in "ab":
+        key = "projection_head.last_layer.direction" if "projection_head.last_layer.direction" in saved[name] \
+            else next(k for k in saved[name] if k.startswith("projection_head"))
+        delta = (resumed[name][key] - saved[name][key]).abs().max()
+        assert delta < 0.05 * saved[name][key].abs().max()
+
+
+def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    out = tmp_path / "nan"
+    env = {"MOKD_TEST_NAN_AT_STEP": "1", "MOKD_TEST_NAN_RANK": "1"}
+    output = run_on_ranks(expect_code, 2, (3, ["train.steps=4", f"output_dir={out}"], "auto", env), timeout=180)
+    assert "non-finite" in output and "network a" in output and "step 1" in output
+    assert (out / "diagnostic_step_00000001" / "latest").is_file()
+    assert read_latest(out / "checkpoints") is None  # resume never picks a diagnostic checkpoint
+
+
+def signal_rank_one_after_first_step(rank, world_size, out: Path, overrides):
+    if rank == 1:
+        def send_when_training():
+            while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        threading.Thread(target=send_when_training, daemon=True).start()
+    return expect_code(rank, world_size, 75, overrides)
+
+
+def test_sigusr1_on_one_rank_checkpoints_and_resumed_run_continues(tmp_path):
+    out = tmp_path / "preempt"
+    overrides = ["train.steps=6", f"output_dir={out}"]
+    output = run_on_ranks(signal_rank_one_after_first_step, 2, (out, overrides), timeout=240)
+    assert "preempted" in output
+    tag = read_latest(out / "checkpoints")
+    stopped_at = int(tag.split("_")[1])
+    assert 1 <= stopped_at < 6
+    output = run_on_ranks(expect_code, 2, (0, overrides), timeout=240)
+    assert f"resumed from {tag}" in output
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == list(range(1, 7))
+
+
+def run_module(args, env=None, timeout=240):
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "mokd_scale.train", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--config", "tiny_cpu", "--set", *TINY, "train.steps=3", "train.checkpoint_every=1", f"output_dir={out}"]
+    killed = run_module(args, env={"MOKD_TEST_KILL_IN_SAVE": "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert read_latest(out / "checkpoints") == "step_00000001"
+    assert (out / "checkpoints" / "step_00000002" / "a").is_dir()  # the half-written save is there...
+    resumed = run_module(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step_00000001" in resumed.stdout  # ...but never used
+    assert read_latest(out / "checkpoints") == "step_00000003"
+
+
+def test_bad_override_fails_fast_naming_the_key(tmp_path):
+    started = time.monotonic()
+    bogus = run_module(["--config", "tiny_cpu", "--set", "bogus.key=1", f"output_dir={tmp_path}"])
+    wrong_type = run_module(["--config", "tiny_cpu", "--set", "train.steps=abc", f"output_dir={tmp_path}"])
+    assert time.monotonic() - started < 60
+    assert bogus.returncode == 2 and "bogus.key" in bogus.stderr
+    assert wrong_type.returncode == 2 and "train.steps" in wrong_type.stderr and "abc" in wrong_type.stderr
+    assert not (tmp_path / "checkpoints").exists()
