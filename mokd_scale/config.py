@@ -6,6 +6,7 @@ with the list of valid keys instead of being silently ignored.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -244,6 +245,9 @@ def convert(expected, value: Any, key: str):
     if expected is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                return float(value)
         raise type_error(key, "a number", value)
     if expected is str:
         if isinstance(value, (dict, list)):

@@ -109,6 +109,8 @@ class Learner:
         optimizer = build_optimizer(self.net_cfg, parameter_groups(student))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                                                  config=self.ds_config)
+        if self.dtype == torch.bfloat16 and device.type == "cpu":
+            match_buffers_to_parameters(self.engine.module)
         self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum).to(device)
         self.zero_stage = self.engine.zero_optimization_stage()
 
@@ -147,6 +149,14 @@ class Learner:
     def global_grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+
+def match_buffers_to_parameters(module: nn.Module) -> None:
+    """DeepSpeed casts parameters, not buffers, to bf16; CUDA BatchNorm accepts fp32 running stats
+    with bf16 input, CPU BatchNorm does not."""
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            buffer.data = buffer.data.to(torch.bfloat16)
 
 
 def gathered(params: list[nn.Parameter], zero_stage: int):

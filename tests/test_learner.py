@@ -1,0 +1,98 @@
+"""Learner details: fp32 teachers under a bf16 student, optimizer groups, schedules."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mokd_scale.config import load_config
+from mokd_scale.schedules import Schedules
+from tests.dist_harness import run_on_ranks
+
+BF16_OVERRIDES = ["data.source=synthetic", "train.global_batch_size=4", "train.micro_batch_size=4",
+                  "data.samples_per_epoch=64", "mokd.out_dim=64", "mokd.proj_hidden_dim=32",
+                  "mokd.proj_bottleneck_dim=16", "data.global_crop_size=16", "data.local_crop_size=8",
+                  "data.synthetic_image_size=20", "data.workers=0", "train.warmup_epochs=0",
+                  "networks.a.arch_kwargs={patch_size: 4, img_size: 16, embed_dim: 64, depth: 1, num_heads: 1}",
+                  "networks.b.arch_kwargs={output_stride: 8, channels: [8, 8, 8, 8], layers: [1, 1, 1, 1]}",
+                  "mokd.search_depth=1", "networks.a.precision=bf16", "networks.b.precision=bf16",
+                  "mokd.teacher_momentum=0.9995", "mokd.teacher_momentum_end=0.9995", "networks.a.lr=0.5",
+                  "networks.b.lr=0.5", "networks.b.arch=resnet18"]
+
+
+def bf16_teacher_steps(rank, world_size):
+    from mokd_scale.coordinator import Coordinator
+    from mokd_scale.data import build_train_loader
+    from mokd_scale.learner import Learner
+    from mokd_scale.models import pair_search_dim
+
+    config = load_config("tiny_cpu", BF16_OVERRIDES)
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
+    coordinator = Coordinator(config, learners, Schedules.build(config), device)
+    batches = iter(build_train_loader(config.data, 4, 4, 0, 1, 0, 0))
+    teacher = learners["a"].teacher
+    rounded = {k: v.detach().bfloat16() for k, v in teacher.named_parameters()}
+    changed_every_step, differs_from_rounded, losses = [], [], []
+    for step in range(3):
+        before = {k: v.detach().clone() for k, v in teacher.named_parameters()}
+        stats = coordinator.train_step(step, [next(batches)])
+        losses.append(stats.terms["a.loss"])
+        student = dict(learners["a"].student.named_parameters())
+        m = 0.9995
+        for key, value in rounded.items():  # what a bf16 teacher would hold
+            rounded[key] = (m * value.float() + (1 - m) * student[key].detach().float()).bfloat16()
+        changed_every_step.append(sum(int(not torch.equal(before[k], v)) for k, v in teacher.named_parameters()))
+        differs_from_rounded.append(sum(int(not torch.equal(rounded[k].float(), v)) for k, v in
+                                        teacher.named_parameters()))
+    dtypes = {v.dtype for v in teacher.parameters()}
+    student_dtypes = {v.dtype for v in learners["a"].student.parameters()}
+    return changed_every_step, differs_from_rounded, losses, dtypes, student_dtypes, len(list(teacher.parameters()))
+
+
+def test_teacher_stays_fp32_and_moves_every_step_under_a_bf16_student():
+    changed, differs, losses, dtypes, student_dtypes, count = run_on_ranks(bf16_teacher_steps, 1, timeout=300)
+    assert dtypes == {torch.float32}
+    assert student_dtypes == {torch.bfloat16}
+    assert all(np.isfinite(losses))
+    # Most tensors move each step (frozen weight-norm scales do not), and the fp32 EMA is not
+    # what a bf16 teacher would hold: at m = 0.9995 bf16 rounding swallows the increment.
+    assert all(n >= count - 2 for n in changed), (changed, count)
+    assert all(n >= count // 2 for n in differs), (differs, count)
+
+
+def test_parameter_groups_tag_last_layer_and_exclude_norms_and_biases_from_decay():
+    from mokd_scale.learner import LAST_LAYER, parameter_groups
+    from mokd_scale.models import build_network, pair_search_dim
+
+    config = load_config("tiny_cpu", BF16_OVERRIDES)
+    network = build_network(config.networks.a, config.mokd, pair_search_dim(config))
+    groups = {g["name"]: g for g in parameter_groups(network)}
+    names = {id(p): n for n, p in network.named_parameters()}
+    last = {names[id(p)] for g in groups.values() if g["kind"] == LAST_LAYER for p in g["params"]}
+    assert last == {"projection_head.last_layer.direction", "search_head.last_layer.direction"}
+    for group in groups.values():
+        for param in group["params"]:
+            if param.ndim <= 1:
+                assert not group["apply_weight_decay"], names[id(param)]
+    decayed = [p for g in groups.values() if g["apply_weight_decay"] for p in g["params"]]
+    assert decayed and all(p.ndim > 1 for p in decayed)
+
+
+def test_schedules_follow_the_recipe_by_global_step():
+    config = load_config("tiny_cpu", ["train.steps=200", "data.samples_per_epoch=640", "train.global_batch_size=64",
+                                      "train.warmup_epochs=2", "networks.a.lr=0.001", "networks.a.min_lr=1e-5",
+                                      "mokd.warmup_teacher_temperature_epochs=5", "mokd.warmup_teacher_temperature=0.04",
+                                      "mokd.teacher_temperature=0.07", "train.freeze_last_layer_epochs=1"])
+    schedules = Schedules.build(config)
+    lr = schedules.networks["a"].lr
+    peak = 0.001 * 64 / 256
+    assert lr[0] == 0.0 and lr[20] == pytest.approx(peak) and lr[-1] == pytest.approx(1e-5)
+    assert np.all(np.diff(lr[:20]) > 0) and np.all(np.diff(lr[20:]) <= 1e-12)
+    temperature = schedules.teacher_temperature
+    assert temperature[0] == pytest.approx(0.04) and temperature[50] == pytest.approx(0.07)
+    assert schedules.teacher_momentum[0] == pytest.approx(config.mokd.teacher_momentum)
+    assert schedules.teacher_momentum[-1] == pytest.approx(1.0)
+    assert schedules.last_layer_frozen(9) and not schedules.last_layer_frozen(10)
+    assert schedules.at(10_000)["lr.a"] == pytest.approx(1e-5)  # clamped past the end
