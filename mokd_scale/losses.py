@@ -107,7 +107,7 @@ class Centers(nn.Module):
         """c <- m*c + (1-m)*mean over the global batch. A collective: call on every rank."""
         packed = torch.cat([self.proj_sum, self.search_sum, self.count])
         if dist.is_available() and dist.is_initialized():
-            pass
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         out_dim = self.proj.shape[-1]
         count = packed[-1]
         if count <= 0:

@@ -82,10 +82,24 @@ def write_tar_atomically(path: Path, members: Iterable[tuple[str, bytes]]) -> tu
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
+        _fsync_folder(path.parent)  # the rename reaches the disk before the sidecar that vouches for it
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return writer.size, writer.sha256.hexdigest()
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some network file systems cannot fsync a folder; the rename still happened
+    finally:
+        os.close(descriptor)
 
 
 def write_json_atomically(path: Path, obj) -> None:
@@ -100,14 +114,6 @@ def write_json_atomically(path: Path, obj) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sample_members(sample: PlannedSample, jpeg: bytes, reencoded: str | None):

@@ -1,0 +1,284 @@
+"""Loss terms against float64 references written from the formulas, view pairing,
+gradient isolation, centres, the teacher-temperature schedule and the bf16 path."""
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mokd_scale.config import load_config
+from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy, teacher_temperature
+from mokd_scale.models import build_network, pair_search_dim
+from mokd_scale.mokd_terms import network_losses, teacher_forward
+
+TEACHER_T, STUDENT_T = 0.04, 0.1
+TINY_VIT = "{patch_size: 4, img_size: 32, embed_dim: 64, depth: %d, num_heads: 2}"
+
+
+# ---------------------------------------------------------------- float64 references
+
+def ref_softmax(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max())
+    return e / e.sum()
+
+
+def ref_log_softmax(z: torch.Tensor) -> torch.Tensor:
+    shifted = z - z.max()
+    return shifted - torch.log(torch.exp(shifted).sum())
+
+
+def ref_ce(target: torch.Tensor, student: torch.Tensor, center=None) -> float:
+    """-sum_k p(k) log q(k) for one sample, float64."""
+    target = target.double() - (0 if center is None else center.double().reshape(-1))
+    p = ref_softmax(target / TEACHER_T)
+    log_q = ref_log_softmax(student.double() / STUDENT_T)
+    return float(-(p * log_q).sum())
+
+
+def ref_dino(student_views, teacher_views, center=None) -> float:
+    total, pairs = 0.0, 0
+    for i in range(len(teacher_views)):
+        for v in range(len(student_views)):
+            if v == i:
+                continue
+            batch = teacher_views[i].shape[0]
+            total += sum(ref_ce(teacher_views[i][b], student_views[v][b], center) for b in range(batch)) / batch
+            pairs += 1
+    return total / pairs
+
+
+def ref_paired(student_views, targets) -> float:
+    total = 0.0
+    for student, target in zip(student_views, targets):
+        total += sum(ref_ce(target[b], student[b]) for b in range(student.shape[0])) / student.shape[0]
+    return total / len(targets)
+
+
+def assert_relative(value, expected, rtol):
+    value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    assert abs(value - expected) <= rtol * abs(expected), (value, expected)
+
+
+# ---------------------------------------------------------------- loss functions
+
+@pytest.mark.parametrize("num_student,batch,out_dim", [(10, 2, 65536), (4, 5, 17), (3, 1, 1000)])
+def test_dino_cross_entropy_matches_float64_reference(num_student, batch, out_dim):
+    gen = torch.Generator().manual_seed(num_student)
+    # Head outputs are scaled cosines: in [-1, 1] (the weight-norm scale starts at 1).
+    student = [torch.tanh(2 * torch.randn(batch, out_dim, generator=gen)) for _ in range(num_student)]
+    teacher = [torch.tanh(torch.randn(batch, out_dim, generator=gen)) for _ in range(2)]
+    center = torch.randn(1, out_dim, generator=gen) * 0.1
+    loss = dino_cross_entropy(student, teacher, TEACHER_T, STUDENT_T, center=center)
+    assert loss.dtype == torch.float32
+    assert_relative(loss, ref_dino(student, teacher, center), 1e-6)
+    assert_relative(dino_cross_entropy(student, teacher, TEACHER_T, STUDENT_T), ref_dino(student, teacher), 1e-6)
+
+
+def test_paired_cross_entropy_matches_float64_reference():
+    gen = torch.Generator().manual_seed(1)
+    student = [torch.tanh(2 * torch.randn(3, 65536, generator=gen)) for _ in range(8)]
+    targets = [torch.tanh(torch.randn(3, 65536, generator=gen)) for _ in range(8)]
+    loss = paired_cross_entropy(student, targets, TEACHER_T, STUDENT_T)
+    assert_relative(loss, ref_paired(student, targets), 1e-6)
+
+
+def test_dino_pairs_skip_the_same_crop():
+    gen = torch.Generator().manual_seed(2)
+    teacher = [torch.randn(2, 50, generator=gen)]
+    student = [torch.randn(2, 50, generator=gen) for _ in range(3)]
+    loss = dino_cross_entropy(student, teacher, TEACHER_T, STUDENT_T)
+    student[0] = student[0] + 5 * torch.randn(2, 50, generator=gen)  # only pair (0, 0) sees it
+    torch.testing.assert_close(dino_cross_entropy(student, teacher, TEACHER_T, STUDENT_T), loss)
+    student[1] = student[1] + 5 * torch.randn(2, 50, generator=gen)
+    assert (dino_cross_entropy(student, teacher, TEACHER_T, STUDENT_T) - loss).abs() > 1e-3
+
+
+def test_bf16_logits_are_softmaxed_in_fp32():
+    gen = torch.Generator().manual_seed(3)
+    student = [torch.randn(2, 4096, generator=gen).bfloat16() for _ in range(4)]
+    teacher = [torch.randn(2, 4096, generator=gen).bfloat16() for _ in range(2)]
+    loss = dino_cross_entropy(student, teacher, TEACHER_T, STUDENT_T)
+    assert loss.dtype == torch.float32
+    assert_relative(loss, ref_dino(student, teacher), 1e-6)
+
+
+# ---------------------------------------------------------------- centres and schedule
+
+def test_centers_accumulate_micro_batches_then_update_once():
+    gen = torch.Generator().manual_seed(4)
+    centers = Centers(out_dim=6, momentum=0.9)
+    start = torch.randn(1, 6, generator=gen)
+    centers.proj.copy_(start)
+    micro = [([torch.randn(3, 6, generator=gen) for _ in range(2)], [torch.randn(3, 6, generator=gen) for _ in range(2)])
+             for _ in range(2)]
+    for proj, search in micro:
+        centers.accumulate(proj, search)
+    centers.update()
+    all_proj = torch.cat([view for proj, _ in micro for view in proj])
+    all_search = torch.cat([view for _, search in micro for view in search])
+    torch.testing.assert_close(centers.proj, 0.9 * start + 0.1 * all_proj.mean(0, keepdim=True))
+    torch.testing.assert_close(centers.search, 0.1 * all_search.mean(0, keepdim=True))
+    assert set(centers.state_dict()) == {"proj", "search"}
+    with pytest.raises(RuntimeError, match="without accumulate"):
+        centers.update()  # the sums were reset
+
+
+def test_teacher_temperature_warms_linearly_then_stays():
+    cfg = SimpleNamespace(warmup_teacher_temperature=0.04, teacher_temperature=0.07,
+                          warmup_teacher_temperature_epochs=30)
+    assert teacher_temperature(0, 100, cfg) == pytest.approx(0.04)
+    assert teacher_temperature(1500, 100, cfg) == pytest.approx(0.055)
+    assert teacher_temperature(3000, 100, cfg) == pytest.approx(0.07)
+    assert teacher_temperature(10 ** 6, 100, cfg) == pytest.approx(0.07)
+    no_warmup = SimpleNamespace(warmup_teacher_temperature=0.04, teacher_temperature=0.04,
+                                warmup_teacher_temperature_epochs=0.0)
+    assert teacher_temperature(0, 100, no_warmup) == pytest.approx(0.04)
+
+
+# ---------------------------------------------------------------- network-level terms
+
+def tiny_config(cnn_student: bool = False, out_dim: int = 256):
+    """Two tiny ViTs of different depth (LayerNorm only), or a slim ResNet-18 as network a."""
+    a_arch = ["networks.a.arch=resnet18", "networks.a.arch_kwargs={channels: [8, 16, 32, 64]}"] if cnn_student \
+        else ["networks.a.arch=vit_tiny_patch16_224", f"networks.a.arch_kwargs={TINY_VIT % 2}"]
+    return load_config("tiny_cpu", [
+        *a_arch, "networks.b.arch=vit_tiny_patch16_224", f"networks.b.arch_kwargs={TINY_VIT % 1}",
+        "networks.a.use_bn_in_head=false", "networks.b.use_bn_in_head=false",
+        f"mokd.out_dim={out_dim}", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
+        "mokd.search_depth=2", "mokd.search_dim=0", "mokd.search_head_dim=32"])
+
+
+def perturbed_copy(module, gen, scale=0.02):
+    teacher = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return teacher
+
+
+def build_pair(cfg, seed=0):
+    """Students, teachers (perturbed copies so they differ) and random centres, for a and b."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dim = pair_search_dim(cfg)
+    students = {n: build_network(getattr(cfg.networks, n), cfg.mokd, dim) for n in ("a", "b")}
+    teachers = {n: perturbed_copy(s, gen) for n, s in students.items()}
+    centers = {}
+    for name in ("a", "b"):
+        centers[name] = Centers(cfg.mokd.out_dim, cfg.mokd.center_momentum)
+        centers[name].proj.copy_(0.1 * torch.randn(1, cfg.mokd.out_dim, generator=gen))
+        centers[name].search.copy_(0.1 * torch.randn(1, cfg.mokd.out_dim, generator=gen))
+    return students, teachers, centers
+
+
+def make_crops(batch, num_local, seed=0, global_size=32, local_size=16):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, global_size, global_size, generator=gen) for _ in range(2)] + \
+        [torch.randn(batch, 3, local_size, local_size, generator=gen) for _ in range(num_local)]
+
+
+def losses_for(x, y, students, teachers, centers, crops, lambda_cross=0.5, compute_dtype=None):
+    own = teacher_forward(teachers[x], crops[:2], compute_dtype)
+    partner = teacher_forward(teachers[y], crops[:2], compute_dtype)
+    return network_losses(students[x], crops, own, partner, teachers[y], centers[x], centers[y],
+                          TEACHER_T, STUDENT_T, lambda_cross, compute_dtype)
+
+
+def reference_terms(x, y, students, teachers, centers, crops):
+    """Each crop through float64 copies of the networks one at a time, then the formulas."""
+    student, own_t, partner_t = (copy.deepcopy(m).double() for m in (students[x], teachers[x], teachers[y]))
+    with torch.no_grad():
+        s_out = [student(crop.double()) for crop in crops]
+        own = [own_t(crop.double()) for crop in crops[:2]]
+        partner = [partner_t(crop.double()) for crop in crops[:2]]
+        targets = [partner_t.search_head(partner[0].search_tokens, query=out.summary) for out in s_out[2:]]
+    proj, search = [o.proj for o in s_out], [o.search for o in s_out]
+    return {
+        "self_proj": ref_dino(proj, [o.proj for o in own], centers[x].proj),
+        "self_search": ref_dino(search, [o.search for o in own], centers[x].search),
+        "cross_proj": ref_dino(proj, [o.proj for o in partner], centers[y].proj),
+        "cross_search": ref_paired(search[2:], targets),
+    }
+
+
+@pytest.mark.parametrize("cnn_student", [False, True])
+def test_network_terms_match_float64_reference(cnn_student):
+    cfg = tiny_config(cnn_student)
+    students, teachers, centers = build_pair(cfg)
+    for module in (*students.values(), *teachers.values()):
+        module.eval()  # BatchNorm (ResNet) must not depend on how crops are batched
+    crops = make_crops(batch=3 if cnn_student else 2, num_local=2 if cnn_student else 4)
+    terms = losses_for("a", "b", students, teachers, centers, crops, lambda_cross=0.5)
+    expected = reference_terms("a", "b", students, teachers, centers, crops)
+    for name, value in expected.items():
+        assert_relative(getattr(terms, name), value, 1e-5)
+    cross = expected["cross_proj"] + expected["cross_search"]
+    assert_relative(terms.total, expected["self_proj"] + expected["self_search"] + 0.5 * cross, 1e-5)
+
+
+@pytest.fixture(scope="module")
+def vit_pair():
+    return build_pair(tiny_config())
+
+
+def replaced(crops, index, seed=9):
+    changed = list(crops)
+    changed[index] = torch.randn(crops[index].shape, generator=torch.Generator().manual_seed(seed))
+    return changed
+
+
+def test_cross_search_uses_local_crops_and_partner_global1_only(vit_pair):
+    students, teachers, centers = vit_pair
+    crops = make_crops(batch=2, num_local=2)
+    base_own = teacher_forward(teachers["a"], crops[:2])
+    base_partner = teacher_forward(teachers["b"], crops[:2])
+
+    def terms(student_crops, partner_crops):
+        partner = teacher_forward(teachers["b"], partner_crops[:2])
+        return network_losses(students["a"], student_crops, base_own, partner, teachers["b"],
+                              centers["a"], centers["b"], TEACHER_T, STUDENT_T, 1.0)
+
+    base = terms(crops, crops)
+    # Partner teacher's global 2 changes: its projection target moves, the cross-search target not.
+    other = terms(crops, replaced(crops, 1))
+    torch.testing.assert_close(other.cross_search, base.cross_search, rtol=0, atol=1e-6)
+    assert abs(other.cross_proj - base.cross_proj) > 1e-4
+    # A student global crop changes: every term but cross-search moves.
+    other = terms(replaced(crops, 0), crops)
+    torch.testing.assert_close(other.cross_search, base.cross_search, rtol=0, atol=1e-6)
+    assert abs(other.self_proj - base.self_proj) > 1e-4
+    # Partner global 1 or a student local crop: cross-search moves.
+    assert abs(terms(crops, replaced(crops, 0)).cross_search - base.cross_search) > 1e-4
+    assert abs(terms(replaced(crops, 3), crops).cross_search - base.cross_search) > 1e-4
+    assert base_partner.global1_search_tokens.shape == (2, 64, 64)
+
+
+def test_gradients_reach_own_student_only(vit_pair):
+    students, teachers, centers = (copy.deepcopy(part) for part in vit_pair)
+    for module in (students["b"], *teachers.values()):
+        module.requires_grad_(True)  # would collect gradients if anything leaked
+    terms = losses_for("a", "b", students, teachers, centers, make_crops(batch=2, num_local=2))
+    terms.total.backward()
+    for name, module in (("partner student", students["b"]), ("own teacher", teachers["a"]),
+                         ("partner teacher", teachers["b"])):
+        leaked = [n for n, p in module.named_parameters() if p.grad is not None]
+        assert not leaked, f"{name} got gradients: {leaked[:3]}"
+    missing = [n for n, p in students["a"].named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"student parameters without gradient: {missing}"
+
+
+def test_bf16_student_matches_fp32_within_bf16_tolerance():
+    students, teachers, centers = build_pair(tiny_config(out_dim=128))
+    crops = make_crops(batch=2, num_local=1, global_size=16, local_size=8)
+    fp32 = losses_for("a", "b", students, teachers, centers, crops)
+    students["a"] = students["a"].to(torch.bfloat16)  # what DeepSpeed's bf16 mode does
+    bf16 = losses_for("a", "b", students, teachers, centers, crops, compute_dtype=torch.bfloat16)
+    for name in bf16._fields:
+        value = getattr(bf16, name)
+        assert value.dtype == torch.float32 and math.isfinite(float(value.detach()))
+        assert_relative(value, float(getattr(fp32, name).detach()), 0.05)
+    bf16.total.backward()
+    assert all(torch.isfinite(p.grad).all() for p in students["a"].parameters() if p.grad is not None)
