@@ -286,6 +286,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if data.samples_per_epoch < train.global_batch_size:
         raise ConfigError(f"data.samples_per_epoch ({data.samples_per_epoch}) must be at least "
                           f"train.global_batch_size ({train.global_batch_size})")
+    if train.knn_every and not data.val_shards:
+        raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
+                          "data.train_shards) pointing at shards from tools/make_shards.py")
     for key in ("a", "b"):
         validate_network(getattr(config.networks, key), f"networks.{key}")
     if world_size is not None:

@@ -160,6 +160,8 @@ class Trainer:
             step += 1
             if step % train.log_every == 0 or step == end:
                 self.log_metrics(step, meter)
+            if train.knn_every and (step % train.knn_every == 0 or step == train.steps):
+                self.evaluate_knn(step)
             if dist.any_rank(self.preemption.raised, self.info.device):
                 self.save(step)
                 self.log(f"preempted: checkpoint {checkpoint.tag_for(step)} saved; exiting {EXIT_PREEMPTED} to requeue",
@@ -178,6 +180,17 @@ class Trainer:
         self.log(console_line(step, self.config.train.steps, values, remaining * values["seconds_per_step"]))
         self.writer.write(step, values)
         meter.reset()
+
+    def evaluate_knn(self, step: int) -> None:
+        """k-NN of both teachers' backbones on the val shards; a collective on every rank."""
+        from mokd_scale.knn import evaluate_knn
+        started = time.monotonic()
+        teachers = {name: learner.teacher for name, learner in self.learners.items()}
+        results = evaluate_knn(teachers, self.config, self.info.rank, self.info.world_size, self.info.device)
+        values = {f"knn.{name}.{metric}": value for name, result in results.items() for metric, value in result.items()}
+        summary = "  ".join(f"{name}: top-1 {r['top1']:.2f} top-5 {r['top5']:.2f}" for name, r in results.items())
+        self.log(f"k-NN at step {step} ({time.monotonic() - started:.0f} s): {summary}")
+        self.writer.write(step, values)
 
     def save(self, step: int) -> None:
         started = time.monotonic()
