@@ -124,13 +124,3 @@ def stack_views(logits) -> torch.Tensor:
     if isinstance(logits, torch.Tensor):
         return logits.detach().reshape(-1, logits.shape[-1]).float()
     return torch.cat([view.detach().float() for view in logits])
-
-
-def teacher_temperature(step: int, steps_per_epoch: float, mokd_cfg) -> float:
-    """Linear from mokd.warmup_teacher_temperature to mokd.teacher_temperature over
-    mokd.warmup_teacher_temperature_epochs (counted in global steps), then constant."""
-    start, final = mokd_cfg.warmup_teacher_temperature, mokd_cfg.teacher_temperature
-    warmup_steps = mokd_cfg.warmup_teacher_temperature_epochs * steps_per_epoch
-    if step >= warmup_steps:
-        return final
-    return start + (final - start) * step / warmup_steps

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mokd_scale.config import load_config
-from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy, teacher_temperature
+from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy
 from mokd_scale.models import build_network, pair_search_dim
 from mokd_scale.mokd_terms import network_losses, teacher_forward
 
@@ -124,18 +124,6 @@ def test_centers_accumulate_micro_batches_then_update_once():
     assert set(centers.state_dict()) == {"proj", "search"}
     with pytest.raises(RuntimeError, match="without accumulate"):
         centers.update()  # the sums were reset
-
-
-def test_teacher_temperature_warms_linearly_then_stays():
-    cfg = SimpleNamespace(warmup_teacher_temperature=0.04, teacher_temperature=0.07,
-                          warmup_teacher_temperature_epochs=30)
-    assert teacher_temperature(0, 100, cfg) == pytest.approx(0.04)
-    assert teacher_temperature(1500, 100, cfg) == pytest.approx(0.055)
-    assert teacher_temperature(3000, 100, cfg) == pytest.approx(0.07)
-    assert teacher_temperature(10 ** 6, 100, cfg) == pytest.approx(0.07)
-    no_warmup = SimpleNamespace(warmup_teacher_temperature=0.04, teacher_temperature=0.04,
-                                warmup_teacher_temperature_epochs=0.0)
-    assert teacher_temperature(0, 100, no_warmup) == pytest.approx(0.04)
 
 
 # ---------------------------------------------------------------- network-level terms
