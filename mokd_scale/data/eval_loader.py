@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import tarfile
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ def eval_pixels(data: bytes, resize: int, crop: int) -> np.ndarray:
         size = (int(resize * height / width), resize)
     else:
         size = (resize, int(resize * width / height))
-    source = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).unsqueeze(0)
+    source = torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
     resized = torch.nn.functional.interpolate(source, size=size, mode="bicubic", antialias=True)
     top = int(round((size[0] - crop) / 2.0))
     left = int(round((size[1] - crop) / 2.0))
@@ -96,7 +97,7 @@ class EvalStream(IterableDataset):
                     if stream_position % plan.modulo == plan.remainder:
                         yield self.global_index(shard_number, position), sample
                     stream_position += 1
-            except (OSError, EOFError, ValueError) as err:
+            except (OSError, EOFError, ValueError, tarfile.TarError) as err:
                 # Eval must not silently drop part of the split: fail and say which shard.
                 raise RuntimeError(f"eval shard {url!r} is unreadable: {err}") from err
 

@@ -5,9 +5,10 @@ list, so no worker can run dry (fewer shards than ranks x workers still works) a
 micro-batches forever; an "epoch" is a fixed number of micro-batches per worker that only re-seeds the
 streams. Equal step counts on every rank follow, which is what keeps ZeRO collectives from hanging.
 
-Seeds: each worker's stream is a function of (seed, epoch, rank, worker, start_step). Mixing in
-start_step makes a resumed run draw fresh samples instead of replaying the first ones of its epoch;
-exact mid-epoch replay is not a goal (statistically equivalent, like any resampled WebDataset run).
+Seeds: at each epoch a worker re-seeds its shard, shuffle and augmentation draws from (seed, epoch,
+rank, worker, start_step), so the whole stream is reproducible. Mixing in start_step makes a resumed
+run draw fresh samples instead of replaying the first ones of its epoch; exact mid-epoch replay is
+not a goal (statistically equivalent, like any resampled WebDataset run).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mokd_scale.data.multicrop import MultiCrop, stack_crops
-from mokd_scale.data.seeds import mixed_rng
+from mokd_scale.data.seeds import mixed_seed
 from mokd_scale.data.shard_spec import resolve_shards
 from mokd_scale.data.synthetic import SyntheticTrainStream
 from mokd_scale.data.tar_stream import image_bytes, label_of, read_shard
@@ -95,32 +96,37 @@ class ShardTrainStream(IterableDataset):
         share, extra = divmod(self.batches_per_epoch_per_rank, workers)
         # Never zero: a worker that yields nothing stalls its rank (and then every rank).
         batches_per_epoch = max(1, share + (worker < extra))
-        epoch = self.first_epoch
-        while True:
-            yield from self._epoch(epoch, worker, batches_per_epoch)
-            epoch += 1
-
-    def _epoch(self, epoch: int, worker: int, num_batches: int):
-        stream_rng = mixed_rng(self.seed, epoch, self.rank, worker, self.start_step, 0)
-        augment_rng = mixed_rng(self.seed, epoch, self.rank, worker, self.start_step, 1)
+        stream_rng, augment_rng = random.Random(), random.Random()
         skips = _SkipCounter()
         samples = _shuffled(_resampled_samples(self.urls, stream_rng, skips), self.shuffle_buffer,
                             stream_rng)
-        for _ in range(num_batches):
-            crops, labels = [], []
-            while len(crops) < self.micro_batch_size:
-                sample = next(samples)
-                try:
-                    labels.append(label_of(sample))
-                    crops.append(self.augment(image_bytes(sample), augment_rng))
-                except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt data
-                    del labels[len(crops):]
-                    skips.count += 1
-                    log.debug("skipping corrupt sample %s: %s", sample.get("__key__"), err)
-            yield {"crops": stack_crops(crops),
-                   "index": torch.full((len(crops),), -1, dtype=torch.long),
-                   "label": torch.tensor(labels, dtype=torch.long),
-                   "skipped": skips.take()}
+        epoch = self.first_epoch
+        while True:
+            # Re-seeding in place changes every draw from here on (shard choice, shuffle, crops) while
+            # the shuffle buffer carries over: no refill stall (and re-read) at each epoch start.
+            stream_rng.seed(mixed_seed(self.seed, epoch, self.rank, worker, self.start_step, 0))
+            augment_rng.seed(mixed_seed(self.seed, epoch, self.rank, worker, self.start_step, 1))
+            for _ in range(batches_per_epoch):
+                yield self._batch(samples, augment_rng, skips)
+            epoch += 1
+
+    def _batch(self, samples: Iterator[dict], augment_rng: random.Random, skips: _SkipCounter) -> dict:
+        crops, labels = [], []
+        while len(crops) < self.micro_batch_size:
+            sample = next(samples)
+            try:
+                label = label_of(sample)
+                sample_crops = self.augment(image_bytes(sample), augment_rng)
+            except Exception as err:  # noqa: BLE001 - PIL raises many types on corrupt data
+                skips.count += 1
+                log.debug("skipping corrupt sample %s: %s", sample.get("__key__"), err)
+                continue
+            crops.append(sample_crops)
+            labels.append(label)
+        return {"crops": stack_crops(crops),
+                "index": torch.full((len(crops),), -1, dtype=torch.long),
+                "label": torch.tensor(labels, dtype=torch.long),
+                "skipped": skips.take()}
 
 
 class TrainLoader:
@@ -130,9 +136,9 @@ class TrainLoader:
         self.dataset = dataset
         self.steps_per_epoch = steps_per_epoch
         self.micro_batches_per_step = micro_batches_per_step
+        # Pinned batches make the coordinator's non_blocking host->GPU copy truly asynchronous.
         self.loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                                 persistent_workers=workers > 0,
-                                 prefetch_factor=4 if workers > 0 else None)
+                                 persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def __iter__(self):
         return iter(self.loader)
