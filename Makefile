@@ -9,6 +9,8 @@ STAMP := $(VENV)/.mokd-installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 WARM := $(TORCH_EXTENSIONS_DIR)/.mokd-warm
 export MPLBACKEND ?= Agg
+# The venv's tools first, so the warm-up compiles with the same ninja as every later process.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup demo test fashion-mnist clean-venv

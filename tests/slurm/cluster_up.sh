@@ -6,7 +6,7 @@
 #   tests/slurm/cluster_down.sh      # stops exactly the daemons this script started
 #
 # Idempotent: daemons already running (pid file + live process) are left alone.
-# Needs root and Debian's apt (the daemons run as root; munged as user munge).
+# Runs as root (the daemons run as root, munged as user munge); installing needs Debian's apt.
 # Environment:
 #   MOKD_SLURM_STATE   state dir for pid files, logs, spool (default /tmp/mokd-slurm)
 #   MOKD_SLURM_PORT    slurmctld port; slurmd ports are +1 and +2 (default 16817)
@@ -27,18 +27,19 @@ die() { log "ERROR: $1"; exit "${2:-1}"; }
 
 # --- install ---------------------------------------------------------------------------------
 
+# Installed means the programs are there, however they got there (Debian packages or a site build).
 packages_missing() {
-    local pkg
-    for pkg in "${PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || return 0
+    local program
+    for program in slurmctld slurmd sbatch srun scontrol sinfo munged mungekey munge unmunge; do
+        command -v "$program" >/dev/null || return 0
     done
     return 1
 }
 
-# Another apt/dpkg on the machine may hold the lock: wait for it rather than fail.
+# Another apt/dpkg on the machine may hold the lock: wait for it (60 s per try) rather than fail.
 apt_retry() {
     local attempt
-    for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    for attempt in 1 2 3; do
         if DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=60 "$@"; then return 0; fi
         log "apt-get $1 failed (attempt $attempt); retrying in 5 s (another apt may hold the lock)"
         sleep 5
@@ -70,7 +71,8 @@ add_host_entries() {
     # Appending to a file without a final newline would glue our line onto its last one.
     [ -z "$(tail -c1 /etc/hosts)" ] || echo >>/etc/hosts
     for node in "${NODES[@]}"; do
-        grep -Eq "^[^#]*[[:space:]]$node([[:space:]]|\$)" /etc/hosts || echo "127.0.0.1 $node" >>/etc/hosts
+        grep -Eq "^[^#]*[[:space:]]$node([[:space:]]|\$)" /etc/hosts && continue
+        echo "127.0.0.1 $node" >>/etc/hosts || die "cannot write /etc/hosts; add the line '127.0.0.1 $node' to it"
     done
 }
 
@@ -123,35 +125,40 @@ any_daemon_running() {
     return 1
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2
-    shift 2
+wait_for() {  # wait_for SECONDS COMMAND...: poll COMMAND until it succeeds or SECONDS pass
+    local deadline=$((SECONDS + $1))
+    shift
     until "$@"; do
         [ $SECONDS -lt $deadline ] || return 1
         sleep 0.2
     done
 }
 
+munge_works() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+
+# A munged that already works (ours, or the machine's own) is used as it is and never stopped by us.
 start_munge() {
     local pidfile="$STATE/munged.pid"
-    if ! running "$pidfile" munged; then
-        install -d -o munge -g munge -m 0755 /run/munge
-        install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge /etc/munge
-        [ -f /etc/munge/munge.key ] || runuser -u munge -- /usr/sbin/mungekey --create
-        chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
-        # The state dir belongs to root; munged (as munge) cannot write its pid file there.
-        runuser -u munge -- /usr/sbin/munged --force
-        wait_for 10 "munged pid file" test -s /run/munge/munged.pid || die "munged did not start"
-        cp /run/munge/munged.pid "$pidfile"
-    fi
-    munge -n | unmunge >/dev/null || die "munge does not work (munge -n | unmunge failed)"
+    running "$pidfile" munged && return 0
+    munge_works && return 0
+    install -d -o munge -g munge -m 0755 /run/munge
+    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge /etc/munge
+    [ -f /etc/munge/munge.key ] || runuser -u munge -- "$(command -v mungekey)" --create
+    chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+    rm -f /run/munge/munged.pid  # a stale one would pass for the new daemon's
+    # --force: start even over the socket a killed munged left behind.
+    runuser -u munge -- "$(command -v munged)" --force
+    wait_for 10 test -s /run/munge/munged.pid || die "munged did not start; see /var/log/munge/munged.log"
+    # The state dir belongs to root and munged (as munge) cannot write there: copy its pid file.
+    cp /run/munge/munged.pid "$pidfile"
+    munge_works || die "munge does not work (munge -n | unmunge failed); see /var/log/munge/munged.log"
 }
 
 start_slurmctld() {
     running "$STATE/slurmctld.pid" slurmctld && return 0
     # -c: a fresh cluster, no jobs left over from an earlier (possibly killed) test session.
     slurmctld -c || die "slurmctld failed; see $STATE/log/slurmctld.log"
-    wait_for 15 "slurmctld" running "$STATE/slurmctld.pid" slurmctld \
+    wait_for 15 running "$STATE/slurmctld.pid" slurmctld \
         || die "slurmctld did not start; see $STATE/log/slurmctld.log"
 }
 
@@ -159,7 +166,7 @@ start_slurmd() {  # start_slurmd NODE
     running "$STATE/slurmd.$1.pid" slurmd && return 0
     mkdir -p "$STATE/slurmd.$1"
     slurmd -N "$1" || die "slurmd -N $1 failed; see $STATE/log/slurmd.$1.log"
-    wait_for 15 "slurmd $1" running "$STATE/slurmd.$1.pid" slurmd \
+    wait_for 15 running "$STATE/slurmd.$1.pid" slurmd \
         || die "slurmd -N $1 did not start; see $STATE/log/slurmd.$1.log"
 }
 
@@ -171,6 +178,8 @@ nodes_idle() {
 
 main() {
     local start=$SECONDS node
+    # The daemons live in sbin, which a non-login root shell may not have on PATH.
+    PATH=$PATH:/usr/sbin:/sbin
     install_slurm
     mkdir -p "$STATE/log" "$STATE/slurmctld"
     add_host_entries
@@ -179,7 +188,7 @@ main() {
     start_slurmctld
     for node in "${NODES[@]}"; do start_slurmd "$node"; done
     # After a restart slurmctld may still list nodes as down/unknown until they register.
-    if ! wait_for 60 "nodes idle" nodes_idle; then
+    if ! wait_for 60 nodes_idle; then
         sinfo -N >&2 || true
         die "nodes not idle after 60 s; logs in $STATE/log"
     fi

@@ -1,0 +1,158 @@
+#!/bin/bash
+# MOKD flagship: ViT-L/16 + ResNet-152 (recipe vitl16_r152) on several GPU nodes with Slurm.
+#
+#   sbatch slurm/mokd_vitl_r152.sh                          # 4 nodes x 8 GPUs, as in the header
+#   sbatch --nodes=8 --time=48:00:00 slurm/mokd_vitl_r152.sh  # command-line options override the header
+#   MOKD_ENV=~/envs/mokd.sh MOKD_TRAIN_SHARDS=/data/in1k/imagenet-train-{000000..001023}.tar \
+#       sbatch --partition=gpu --account=myproj slurm/mokd_vitl_r152.sh
+#
+# Environment (all optional; sbatch hands your shell's environment to the job):
+#   MOKD_ENV            script to `source` first, activating the Python environment with mokd_scale
+#   MOKD_RECIPE         recipe name or YAML path                        (default: vitl16_r152)
+#   MOKD_OUTPUT_ROOT    the run goes to $MOKD_OUTPUT_ROOT/<job name>    (default: <submit dir>/runs)
+#                       The job name (--job-name) names the run: resubmitting with the same name resumes it.
+#   MOKD_TRAIN_SHARDS   -> data.train_shards   (index JSON or brace pattern of tar shards)
+#   MOKD_VAL_SHARDS     -> data.val_shards
+#   MOKD_KNN_SHARDS     -> data.knn_train_shards
+#   MOKD_WORKERS        DataLoader workers per GPU (default: cpus-per-task - 2 when it is >= 4, else the recipe's)
+#   MOKD_OVERRIDES      extra config items "key=value key=value", applied last so they win over the above
+#   MOKD_RESUME         auto (default: from <output>/checkpoints/latest if any) | none | a checkpoint path
+#   NCCL_*, TORCH_NCCL_*  reach every rank unchanged; defaults below (NCCL_DEBUG=WARN, async error handling on)
+#   OMP_NUM_THREADS     per rank (default 1: the GPU does the math; loader workers are separate processes)
+#
+# Ranks: srun starts one task per GPU and mokd-train derives rank, world size, local rank, the master
+# node and a per-job port from Slurm's variables (mokd_scale/dist.py). Each task sees all GPUs of its
+# node and uses GPU number SLURM_LOCALID, so --ntasks-per-node must equal --gpus-per-node.
+#
+# Time limit and preemption: Slurm sends USR1 to this shell 180 s (up to 60 s more) before the time
+# limit (--signal=B:USR1@180). The shell forwards it to the training step; every rank saves a
+# checkpoint and exits 75; this shell then requeues the job, which resumes from that checkpoint with
+# the same job id, name and log. To do the same by hand:  scancel --signal=USR1 --batch JOBID
+# A plain `scancel JOBID` (SIGTERM) also leaves a checkpoint but is not requeued: the job stops.
+# Logs: <submit dir>/<job name>-<job id>.out (appended across requeues); checkpoints, metrics.jsonl
+# and TensorBoard under the output folder. See docs/cluster.md.
+#
+#SBATCH --job-name=mokd_vitl_r152
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+set -uo pipefail  # no -e: the exit status of the training step is handled below
+
+EXIT_PREEMPTED=75
+
+say() { echo "mokd-slurm: $*"; }
+
+activate_environment() {
+    [ -n "${MOKD_ENV:-}" ] || return 0
+    [ -f "$MOKD_ENV" ] || { say "MOKD_ENV=$MOKD_ENV is not a file; point it to a script that activates the Python env"; exit 2; }
+    set +u  # activation scripts (conda, modules) often read unset variables
+    # shellcheck disable=SC1090
+    source "$MOKD_ENV"
+    set -u
+}
+
+# The training command as an array; sets `train_cmd`.
+build_command() {
+    local sets=() overrides=() workers
+    sets+=("output_dir=$output_dir")
+    [ -n "${MOKD_TRAIN_SHARDS:-}" ] && sets+=("data.train_shards=$MOKD_TRAIN_SHARDS")
+    [ -n "${MOKD_VAL_SHARDS:-}" ] && sets+=("data.val_shards=$MOKD_VAL_SHARDS")
+    [ -n "${MOKD_KNN_SHARDS:-}" ] && sets+=("data.knn_train_shards=$MOKD_KNN_SHARDS")
+    workers=${MOKD_WORKERS:-}
+    if [ -z "$workers" ] && [ "${SLURM_CPUS_PER_TASK:-0}" -ge 4 ]; then
+        workers=$((SLURM_CPUS_PER_TASK - 2))  # one core for the training loop, one for CUDA/NCCL threads
+    fi
+    [ -n "$workers" ] && sets+=("data.workers=$workers")
+    # `read -a` splits on spaces without glob expansion, so patterns like shard-*.tar stay intact.
+    read -r -a overrides <<<"${MOKD_OVERRIDES:-}"
+    sets+=("${overrides[@]}")
+    if command -v mokd-train >/dev/null; then train_cmd=(mokd-train); else train_cmd=(python -m mokd_scale.train); fi
+    train_cmd+=(--config "$MOKD_RECIPE" --resume "${MOKD_RESUME:-auto}" --set "${sets[@]}")
+}
+
+print_header() {
+    say "==== $(date -u +%Y-%m-%dT%H:%M:%SZ) job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart_count=${SLURM_RESTART_COUNT:-0}"
+    say "nodes     ${SLURM_JOB_NUM_NODES:-?}: ${SLURM_JOB_NODELIST:-?}"
+    say "tasks     ${SLURM_NTASKS:-?} (${SLURM_NTASKS_PER_NODE:-?} per node), gpus per node ${SLURM_GPUS_PER_NODE:-none}, cpus per task ${SLURM_CPUS_PER_TASK:-?}"
+    say "recipe    $MOKD_RECIPE"
+    say "output    $output_dir"
+    say "python    $(command -v python || echo 'not found: set MOKD_ENV')"
+    say "nccl      $(env | grep -E '^(TORCH_)?NCCL_' | sort | tr '\n' ' ')"
+    say "command   ${train_cmd[*]}"
+}
+
+# Slurm's warning signal reaches only this shell (B: in --signal); the ranks must hear it too.
+# srun relays signals it receives to all tasks of its step.
+# shellcheck disable=SC2317  # called from the traps below
+forward_signal() {
+    say "received $1 at $(date -u +%H:%M:%S); forwarding to the training step"
+    [ "$1" = USR1 ] && warned=1
+    [ -n "${srun_pid:-}" ] && kill -s "$1" "$srun_pid" 2>/dev/null
+}
+
+# `wait` returns early when a trapped signal arrives; keep waiting until srun has really ended.
+wait_for_step() {
+    local status
+    while true; do
+        wait "$srun_pid"
+        status=$?
+        kill -0 "$srun_pid" 2>/dev/null || return "$status"
+    done
+}
+
+# Requeue only after the warning signal (time limit, or a deliberate `scancel --signal=USR1 --batch`).
+# After SIGTERM the job is being cancelled (scancel) or preempted (Slurm requeues it itself), and a
+# requeue here would undo the user's scancel.
+requeue_or_exit() {
+    local status=$1
+    if [ "$status" = "$EXIT_PREEMPTED" ] && [ "$warned" = 1 ]; then
+        say "checkpoint saved; requeueing job $SLURM_JOB_ID (resumes from $output_dir/checkpoints/latest)"
+        if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+        say "scontrol requeue failed; resubmit with --job-name=$SLURM_JOB_NAME to resume"
+    elif [ "$status" = "$EXIT_PREEMPTED" ]; then
+        say "stopped by SIGTERM (scancel or preemption) after saving a checkpoint; not requeueing"
+    fi
+    say "training step ended with exit code $status at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    exit "$status"
+}
+
+main() {
+    if [ -z "${SLURM_JOB_ID:-}" ]; then
+        echo "mokd_vitl_r152.sh is a batch script: submit it with sbatch (see docs/cluster.md)" >&2
+        exit 2
+    fi
+    activate_environment
+    MOKD_RECIPE=${MOKD_RECIPE:-vitl16_r152}
+    output_dir=${MOKD_OUTPUT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}/runs}/$SLURM_JOB_NAME
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # A rank that dies mid-collective makes the others abort instead of hanging until the time limit.
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    export PYTHONUNBUFFERED=1  # rank output reaches the log as it happens
+    build_command
+    print_header
+    mkdir -p "$output_dir"
+
+    warned=0
+    srun_pid=
+    trap 'forward_signal USR1' USR1
+    trap 'forward_signal TERM' TERM
+    # --kill-on-bad-exit=0: ranks leave with 75 at slightly different times after a collective save;
+    # killing the step at the first non-zero exit could cut a slower rank's checkpoint write short.
+    # --cpus-per-task again: srun of Slurm 22.05 does not inherit it from sbatch.
+    srun --kill-on-bad-exit=0 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${train_cmd[@]}" &
+    srun_pid=$!
+    wait_for_step
+    requeue_or_exit $?
+}
+
+main "$@"
