@@ -51,11 +51,13 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"mokd-train: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    owns_process_group = not dist.is_dist()  # a caller's group (tests, notebooks) stays up
     info = dist.init_distributed()
     try:
         return Trainer(config, info, args.resume).run()
     finally:
-        dist.destroy()
+        if owns_process_group:
+            dist.destroy()
 
 
 class PreemptionFlag:

@@ -45,6 +45,11 @@ def expect_code(rank, world_size, expected, overrides, resume="auto", env=None):
     return output
 
 
+def expect_codes(rank, world_size, runs):
+    """Several runs in the same rank processes (saves a spawn and imports per run)."""
+    return [expect_code(rank, world_size, *run) for run in runs]
+
+
 def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -60,12 +65,12 @@ LOSS_KEYS = [f"{n}.{t}" for n in "ab" for t in ("self_proj", "self_search", "cro
 
 def test_resume_equals_straight_run(tmp_path):
     straight, sliced = tmp_path / "straight", tmp_path / "sliced"
-    run_on_ranks(expect_code, 2, (0, ["train.steps=4", f"output_dir={straight}"]), timeout=240)
-    run_on_ranks(expect_code, 2, (0, ["train.steps=4", "train.stop_after_steps=2", f"output_dir={sliced}"]),
-                 timeout=240)
-    assert read_latest(sliced / "checkpoints") == "step_00000002"
-    output = run_on_ranks(expect_code, 2, (0, ["train.steps=4", f"output_dir={sliced}"]), timeout=240)
-    assert "resumed from step_00000002" in output
+    outputs = run_on_ranks(expect_codes, 2, ([
+        (0, ["train.steps=4", f"output_dir={straight}"]),
+        (0, ["train.steps=4", "train.stop_after_steps=2", f"output_dir={sliced}"]),
+        (0, ["train.steps=4", f"output_dir={sliced}"]),
+    ],), timeout=300)
+    assert "done at step 2" in outputs[1] and "resumed from step_00000002" in outputs[2]
     a, b = metrics(straight), metrics(sliced)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for left, right in zip(a, b):
@@ -81,19 +86,18 @@ ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.j
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
 
 
-def zero_stage_run(tmp_path: Path, stage: int) -> list[dict]:
-    out = tmp_path / f"zero{stage}"
+def zero_stage_overrides(tmp_path: Path, stage: int) -> list[str]:
     path = ZERO_CONFIGS[stage]
-    run_on_ranks(expect_code, 2, (0, ["train.steps=3", f"output_dir={out}", f"networks.a.deepspeed={path}",
-                                      f"networks.b.deepspeed={path}", "networks.b.optimizer=sgd",
-                                      "networks.b.lr=0.05"]), timeout=240)
-    return metrics(out)
+    return ["train.steps=3", f"output_dir={tmp_path / f'zero{stage}'}", f"networks.a.deepspeed={path}",
+            f"networks.b.deepspeed={path}", "networks.b.optimizer=sgd", "networks.b.lr=0.05"]
 
 
 def test_zero_stages_match_zero0(tmp_path):
-    reference = zero_stage_run(tmp_path, 0)
+    runs = [(0, zero_stage_overrides(tmp_path, stage)) for stage in (0, 1, 2, 3)]
+    run_on_ranks(expect_codes, 2, (runs,), timeout=400)
+    reference = metrics(tmp_path / "zero0")
     for stage in (1, 2, 3):
-        run = zero_stage_run(tmp_path, stage)
+        run = metrics(tmp_path / f"zero{stage}")
         assert len(run) == len(reference) == 3
         for left, right in zip(reference, run):
             for key in LOSS_KEYS:
@@ -130,26 +134,28 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     assert read_latest(out / "checkpoints") is None  # resume never picks a diagnostic checkpoint
 
 
-def signal_rank_one_after_first_step(rank, world_size, out: Path, overrides):
+def preempt_rank_one_then_resume(rank, world_size, out: Path, overrides):
+    """SIGUSR1 reaches rank 1 only, once training runs; then the same ranks start again."""
     if rank == 1:
         def send_when_training():
             while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
                 time.sleep(0.05)
             os.kill(os.getpid(), signal.SIGUSR1)
         threading.Thread(target=send_when_training, daemon=True).start()
-    return expect_code(rank, world_size, 75, overrides)
+    preempted = expect_code(rank, world_size, 75, overrides)
+    tag = read_latest(out / "checkpoints")
+    resumed = expect_code(rank, world_size, 0, overrides)
+    return preempted, tag, resumed
 
 
 def test_sigusr1_on_one_rank_checkpoints_and_resumed_run_continues(tmp_path):
     out = tmp_path / "preempt"
     overrides = ["train.steps=6", f"output_dir={out}"]
-    output = run_on_ranks(signal_rank_one_after_first_step, 2, (out, overrides), timeout=240)
-    assert "preempted" in output
-    tag = read_latest(out / "checkpoints")
+    preempted, tag, resumed = run_on_ranks(preempt_rank_one_then_resume, 2, (out, overrides), timeout=300)
+    assert "preempted" in preempted
     stopped_at = int(tag.split("_")[1])
     assert 1 <= stopped_at < 6
-    output = run_on_ranks(expect_code, 2, (0, overrides), timeout=240)
-    assert f"resumed from {tag}" in output
+    assert f"resumed from {tag}" in resumed
     steps = [m["step"] for m in metrics(out)]
     assert steps == list(range(1, 7))
 
