@@ -34,13 +34,17 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class StepStats:
-    """Per-step sums on this rank, reduced across ranks only when a line is logged."""
-    terms: dict[str, float] = field(default_factory=dict)
+    """Per-step sums on this rank, kept on the device: reading them every micro-batch would stall
+    the host on the GPU. They are reduced across ranks and read only when a line is logged."""
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # network → (len(TERMS),) sums
+    teacher_entropy: dict[str, torch.Tensor] = field(default_factory=dict)  # network → scalar sum
+    teacher_mean_probs: dict[str, torch.Tensor] = field(default_factory=dict)  # network → (K,) sum
     micro_batches: int = 0
     images: int = 0
     skipped: int = 0
-    teacher_entropy: dict[str, float] = field(default_factory=dict)
-    teacher_mean_probs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def term(self, network: str, term: str) -> float:
+        return float(self.terms[network][TERMS.index(term)])
 
 
 class Coordinator:
@@ -71,6 +75,7 @@ class Coordinator:
                    inject_nan: bool) -> None:
         crops = normalize_crops(batch["crops"], self.device, torch.float32, self.mean, self.std)
         teacher_outputs = {name: self.teacher_outputs(learner, crops[:2]) for name, learner in self.learners.items()}
+        term_values = {}
         for name, learner in self.learners.items():
             partner = PARTNER[name]
             terms = network_losses(
@@ -79,10 +84,13 @@ class Coordinator:
                 teacher_temperature, self.config.mokd.student_temperature, learner.net_cfg.lambda_cross,
                 compute_dtype=learner.dtype)
             total = terms.total * float("nan") if inject_nan and name == "a" else terms.total
-            self.check_finite(name, terms._replace(total=total), step)
+            # A non-finite loss only matters at engine.step(): its backward runs on every rank alike
+            # (same collectives), so the ranks agree once per micro-batch, below, instead of once per network.
             learner.engine.backward(total)
-            record_terms(stats, name, terms._replace(total=total))
+            term_values[name] = torch.stack([t.detach().float() for t in terms._replace(total=total)])
+            add_to(stats.terms, name, term_values[name])
             del terms, total  # free this network's graph before the partner's forward
+        self.check_finite(term_values, step)  # before any engine.step(): no rank updates alone
         for learner in self.learners.values():
             learner.engine.step()  # applies the update only at the accumulation boundary
         for name, outputs in teacher_outputs.items():
@@ -96,13 +104,17 @@ class Coordinator:
         learner.teacher.train()  # batch statistics in BatchNorm, like the student sees
         return teacher_forward(learner.teacher, global_crops, compute_dtype=learner.dtype)
 
-    def check_finite(self, name: str, terms, step: int) -> None:
-        """Agreed across ranks before any backward, so no rank steps or hangs alone."""
-        values = torch.stack([t.detach().float() for t in terms])
-        bad = torch.tensor([0.0 if torch.isfinite(values).all() else 1.0], device=self.device)
-        if dist.all_reduce_max(bad).item() > 0:
-            term = next((TERMS[i] for i, v in enumerate(values) if not math.isfinite(v.item())), "loss on another rank")
-            raise NonFiniteLoss(name, term, step)
+    def check_finite(self, term_values: dict[str, torch.Tensor], step: int) -> None:
+        """Agreed across ranks (one all-reduce, one host sync) before any engine.step(), so no rank
+        updates or hangs alone."""
+        names = list(term_values)
+        bad = (~torch.isfinite(torch.stack([term_values[n] for n in names]))).any(dim=1).float()
+        agreed = dist.all_reduce_max(bad).tolist()
+        for name, flag in zip(names, agreed):
+            if flag > 0:
+                local = term_values[name].tolist()
+                term = next((TERMS[i] for i, v in enumerate(local) if not math.isfinite(v)), "loss on another rank")
+                raise NonFiniteLoss(name, term, step)
 
     def check_grad_norms(self, step: int) -> None:
         """DeepSpeed's global norm is already reduced over ranks, so every rank sees the same value."""
@@ -111,10 +123,8 @@ class Coordinator:
                 raise NonFiniteLoss(name, "gradient norm", step)
 
 
-def record_terms(stats: StepStats, name: str, terms) -> None:
-    for term, value in zip(TERMS, terms):
-        key = f"{name}.{term}"
-        stats.terms[key] = stats.terms.get(key, 0.0) + float(value.detach())
+def add_to(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = value if key not in sums else sums[key] + value
 
 
 @torch.no_grad()
@@ -122,6 +132,5 @@ def record_collapse(stats: StepStats, name: str, outputs: TeacherOutputs, center
     """Teacher target entropy (→ 0: one-hot collapse) and the batch-mean target (→ uniform: uniform collapse)."""
     probs = torch.softmax((torch.cat(outputs.proj) - centers.proj) / temperature, dim=-1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
-    stats.teacher_entropy[name] = stats.teacher_entropy.get(name, 0.0) + float(entropy.sum())
-    total = probs.sum(dim=0)
-    stats.teacher_mean_probs[name] = stats.teacher_mean_probs.get(name, 0) + total
+    add_to(stats.teacher_entropy, name, entropy.sum())
+    add_to(stats.teacher_mean_probs, name, probs.sum(dim=0))

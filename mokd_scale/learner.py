@@ -109,7 +109,7 @@ class Learner:
         optimizer = build_optimizer(self.net_cfg, parameter_groups(student))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
                                                                  config=self.ds_config)
-        if self.dtype == torch.bfloat16 and device.type == "cpu":
+        if self.dtype == torch.bfloat16:
             match_buffers_to_parameters(self.engine.module)
         self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum).to(device)
         self.zero_stage = self.engine.zero_optimization_stage()
@@ -152,8 +152,9 @@ class Learner:
 
 
 def match_buffers_to_parameters(module: nn.Module) -> None:
-    """DeepSpeed casts parameters, not buffers, to bf16; CUDA BatchNorm accepts fp32 running stats
-    with bf16 input, CPU BatchNorm does not."""
+    """DeepSpeed casts parameters, not buffers, to bf16. CPU BatchNorm rejects fp32 running stats with
+    bf16 input; so does CUDA's BatchNorm when it is recomputed under gradient checkpointing in backward
+    ("Expected running_mean to have type BFloat16 but got Float", ResNet-152 of vitl16_r152 on an H100)."""
     for buffer in module.buffers():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(torch.bfloat16)

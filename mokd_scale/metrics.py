@@ -28,19 +28,19 @@ class StepAccumulator:
         self.reset()
 
     def reset(self) -> None:
-        self.terms = {f"{n}.{t}": 0.0 for n in NETWORKS for t in TERMS}
-        self.entropy = {n: 0.0 for n in NETWORKS}
-        self.mean_probs = {n: torch.zeros(self.out_dim, device=self.device) for n in NETWORKS}
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
+        self.terms = {n: zeros(len(TERMS)) for n in NETWORKS}
+        self.entropy = {n: zeros(1) for n in NETWORKS}
+        self.mean_probs = {n: zeros(self.out_dim) for n in NETWORKS}
         self.micro_batches = self.images = self.skipped = self.steps = 0
         self.started = time.monotonic()
 
     def add(self, stats: StepStats) -> None:
-        for key, value in stats.terms.items():
-            self.terms[key] += value
-        for name in NETWORKS:
-            self.entropy[name] += stats.teacher_entropy.get(name, 0.0)
-            if name in stats.teacher_mean_probs:
-                self.mean_probs[name] += stats.teacher_mean_probs[name]
+        """Device-side sums: no host synchronisation per step."""
+        for name in stats.terms:
+            self.terms[name] += stats.terms[name].double()
+            self.entropy[name] += stats.teacher_entropy[name].double()
+            self.mean_probs[name] += stats.teacher_mean_probs[name].double()
         self.micro_batches += stats.micro_batches
         self.images += stats.images
         self.skipped += stats.skipped
@@ -48,22 +48,22 @@ class StepAccumulator:
 
     def reduce(self) -> dict[str, float]:
         """Global means over all ranks and steps since the last reset. A collective."""
-        keys = list(self.terms)
-        scalars = torch.tensor([self.terms[k] for k in keys] + [self.entropy[n] for n in NETWORKS]
-                               + [self.micro_batches, self.images, self.skipped], dtype=torch.float64,
-                               device=self.device)
-        probs = torch.stack([self.mean_probs[n] for n in NETWORKS]).double()
-        dist.all_reduce_sum(scalars)
-        dist.all_reduce_sum(probs)
-        micro, images, skipped = scalars[-3:].tolist()
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        out = {k: scalars[i].item() / max(micro, 1) for i, k in enumerate(keys)}
+        counts = torch.tensor([self.micro_batches, self.images, self.skipped], dtype=torch.float64, device=self.device)
+        packed = torch.cat([*(self.terms[n] for n in NETWORKS), *(self.entropy[n] for n in NETWORKS),
+                            *(self.mean_probs[n] for n in NETWORKS), counts])
+        values = dist.all_reduce_sum(packed).cpu()
+        micro, images, skipped = values[-3:].tolist()
+        terms = values[:len(NETWORKS) * len(TERMS)].view(len(NETWORKS), len(TERMS)) / max(micro, 1)
+        entropy = values[len(NETWORKS) * len(TERMS):][:len(NETWORKS)]
+        probs = values[len(NETWORKS) * (len(TERMS) + 1):-3].view(len(NETWORKS), self.out_dim)
+        out = {f"{n}.{t}": terms[i, j].item() for i, n in enumerate(NETWORKS) for j, t in enumerate(TERMS)}
+        views = max(2 * images, 1)  # two global views per image reach the teacher
         log_k = math.log(self.out_dim)
         for i, name in enumerate(NETWORKS):
-            views = max(2 * images, 1)  # two global views per image reach the teacher
-            out[f"{name}.teacher_entropy_ratio"] = scalars[len(keys) + i].item() / views / log_k
+            out[f"{name}.teacher_entropy_ratio"] = entropy[i].item() / views / log_k
             mean = probs[i] / views
             out[f"{name}.teacher_kl_uniform"] = float((mean * torch.log(mean.clamp_min(1e-12) * self.out_dim)).sum())
+        elapsed = max(time.monotonic() - self.started, 1e-9)
         out["images_per_s"] = images / elapsed
         out["skipped_samples"] = skipped
         out["seconds_per_step"] = elapsed / max(self.steps, 1)

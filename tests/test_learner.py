@@ -38,7 +38,7 @@ def bf16_teacher_steps(rank, world_size):
     for step in range(3):
         before = {k: v.detach().clone() for k, v in teacher.named_parameters()}
         stats = coordinator.train_step(step, [next(batches)])
-        losses.append(stats.terms["a.loss"])
+        losses.append(stats.term("a", "loss"))
         student = dict(learners["a"].student.named_parameters())
         m = 0.9995
         for key, value in rounded.items():  # what a bf16 teacher would hold
