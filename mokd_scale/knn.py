@@ -64,9 +64,10 @@ def knn_hits(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor,
                  query_labels: torch.Tensor, k: int = DEFAULT_K,
                  temperature: float = DEFAULT_TEMPERATURE, num_classes: int | None = None,
-                 rank: int = 0, world_size: int = 1) -> dict[str, float]:
-    """Top-1/top-5 (percent). Features need not be normalised. With world_size > 1 every rank
-    passes the same full bank/queries; each scores a strided slice and the counts are summed.
+                 rank: int = 0, world_size: int = 1, normalized: bool = False) -> dict[str, float]:
+    """Top-1/top-5 (percent). Features are L2-normalised here unless `normalized` says they
+    already are (saves a bank-sized copy). With world_size > 1 every rank passes the same full
+    bank/queries; each scores a strided slice and the counts are summed.
     """
     if bank.shape[0] == 0 or queries.shape[0] == 0:
         raise ValueError(f"k-NN needs a non-empty memory bank and query set "
@@ -74,8 +75,9 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
                          "check the train/val shard paths")
     if num_classes is None:
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-    bank = F.normalize(bank, dim=1)
-    queries = F.normalize(queries, dim=1).to(bank.dtype)
+    if not normalized:
+        bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    queries = queries.to(bank.dtype)
     mine = slice(rank, None, world_size)
     hits1, hits5 = knn_hits(bank, bank_labels.to(bank.device), queries[mine], query_labels[mine],
                             num_classes, k, temperature)
@@ -103,12 +105,13 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def extract_local_features(models: dict[str, nn.Module], loader, device: torch.device,
-                           max_samples: int = 0, normalize: bool = True
+                           max_samples: int = 0, normalize: bool = True,
+                           storage_dtype: torch.dtype = torch.float32
                            ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Run every model on this rank's eval batches (images loaded once for all models).
 
-    Returns ({name: (n, d) fp32 features, L2-normalised unless normalize=False}, labels (n,),
-    sample indices (n,)).
+    Returns ({name: (n, d) features in storage_dtype, L2-normalised unless normalize=False},
+    labels (n,), sample indices (n,)).
     """
     features: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels, indices, seen = [], [], 0
@@ -117,14 +120,19 @@ def extract_local_features(models: dict[str, nn.Module], loader, device: torch.d
         with _autocast(device):
             for name, model in models.items():
                 output = model(images).float()
-                features[name].append(F.normalize(output, dim=1) if normalize else output)
+                output = F.normalize(output, dim=1) if normalize else output
+                features[name].append(output.to(storage_dtype))
         labels.append(batch["label"].to(device))
         indices.append(batch["index"].to(device))
         seen += images.shape[0]
         if max_samples and seen >= max_samples:
             break
+    if max_samples and seen > max_samples:  # the cap is exact, not rounded up to a batch
+        features = {name: [torch.cat(f)[:max_samples]] for name, f in features.items()}
+        labels, indices = [torch.cat(labels)[:max_samples]], [torch.cat(indices)[:max_samples]]
     if not labels:  # this rank got no sample; it still joins the gathers with 0 rows
-        empty = {name: torch.zeros(0, feature_width(m), device=device) for name, m in models.items()}
+        empty = {name: torch.zeros(0, feature_width(m), device=device, dtype=storage_dtype)
+                 for name, m in models.items()}
         no_ids = torch.zeros(0, dtype=torch.long, device=device)
         return empty, no_ids, no_ids.clone()
     return ({name: torch.cat(f) for name, f in features.items()},
@@ -155,19 +163,24 @@ def feature_width(model: nn.Module) -> int:
 
 
 def collect_features(models: dict[str, nn.Module], loader, device: torch.device,
-                     world_size: int, max_samples: int = 0, normalize: bool = True):
+                     world_size: int, max_samples: int = 0, normalize: bool = True,
+                     storage_dtype: torch.dtype = torch.float32):
     """Extract on this rank, gather across ranks; features sorted by global sample index.
 
     max_samples caps the work: each rank stops after its share (so which samples are used
     then depends on the world size)."""
     per_rank_cap = -(-max_samples // world_size) if max_samples else 0
-    feats, labels, indices = extract_local_features(models, loader, device, per_rank_cap, normalize)
+    feats, labels, indices = extract_local_features(models, loader, device, per_rank_cap, normalize,
+                                                    storage_dtype)
     return gather_features(feats, labels, indices, world_size)
 
 
 # ------------------------------------------------------------------------ entry point
 def _knn_shards(data_cfg) -> tuple[str, str]:
     bank = getattr(data_cfg, "knn_train_shards", "") or data_cfg.train_shards
+    if not bank or not data_cfg.val_shards:
+        raise ValueError("the k-NN probe needs labelled shards: set data.val_shards and data.train_shards "
+                         "(or data.knn_train_shards), or train.knn_every=0 (e.g. with synthetic data)")
     return bank, data_cfg.val_shards
 
 
@@ -187,18 +200,20 @@ def evaluate_knn(networks: dict[str, nn.Module], cfg, rank: int, world_size: int
     try:
         bank_shards, val_shards = _knn_shards(cfg.data)
         batch_size = cfg.eval.batch_size
+        # Unit vectors lose nothing that matters in fp16, and an ImageNet bank of 2048-wide
+        # features (1.28 M x 2048) then takes 5 GB per GPU instead of 10.
+        bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
 
         def features_of(shards, max_samples):
             loader = build_eval_loader(shards, cfg.data, batch_size, rank, world_size)
-            return collect_features(models, loader, device, world_size, max_samples)
+            return collect_features(models, loader, device, world_size, max_samples, True, bank_dtype)
 
         bank, bank_labels, _ = features_of(bank_shards, cfg.eval.max_train_samples)
         queries, query_labels, _ = features_of(val_shards, cfg.eval.max_val_samples)
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
-        bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        return {name: knn_accuracy(bank[name].to(bank_dtype), bank_labels, queries[name],
+        return {name: knn_accuracy(bank[name], bank_labels, queries[name],
                                    query_labels, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                                   num_classes, rank, world_size)
+                                   num_classes, rank, world_size, normalized=True)
                 for name in models}
     finally:
         for name, m in models.items():
