@@ -7,6 +7,7 @@ test instead of stalling CI.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import time
 import traceback
@@ -52,7 +53,7 @@ def collect(results, processes, world_size: int, timeout: float):
         outcome[rank] = (ok, value)
         if not ok:
             raise RankFailed(f"rank {rank} failed:\n{value}")
-    return outcome[0][1]
+    return pickle.loads(outcome[0][1])
 
 
 def check_alive(processes, outcome: dict, deadline: float, timeout: float) -> None:
@@ -73,7 +74,9 @@ def rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
-        results.put((rank, True, value))
+        # Plain pickle bytes: a tensor sent as-is travels through shared memory that vanishes when
+        # this process exits, before the parent may have read it.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - report everything, including SystemExit
         results.put((rank, False, traceback.format_exc()))
     finally:

@@ -1,0 +1,158 @@
+"""Export round trip: a fake checkpoint in the CONTRACTS layout -> safetensors -> plain timm
+model (strict load) -> the same pooled features as the training network's backbone."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open
+
+from mokd_scale.config import load_config, to_dict
+from mokd_scale.models import build_network, pair_search_dim
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+export_backbone = load_tool("export_backbone")
+
+
+@pytest.fixture(scope="module")
+def tiny_networks():
+    cfg = load_config("tiny_cpu")
+    torch.manual_seed(0)
+    networks = {name: build_network(getattr(cfg.networks, name), cfg.mokd, pair_search_dim(cfg))
+                for name in ("a", "b")}
+    with torch.no_grad():  # move BatchNorm running stats away from their init values
+        for net in networks.values():
+            net.train()(torch.randn(8, 3, 32, 32) * 2 + 1)
+            net.eval()
+    return cfg, networks
+
+
+def write_fake_checkpoint(root: Path, cfg, networks, step=5, latest=True):
+    step_dir = root / "checkpoints" / f"step_{step:08d}"
+    step_dir.mkdir(parents=True)
+    state = {"step": step, "teachers": {k: n.state_dict() for k, n in networks.items()},
+             "centers": {}, "config": to_dict(cfg), "data": {}}
+    torch.save(state, step_dir / "mokd_state.pt")
+    if latest:
+        (root / "checkpoints" / "latest").write_text(f"step_{step:08d}\n")
+    return step_dir
+
+
+@pytest.mark.parametrize("network", ["a", "b"])
+def test_exported_teacher_loads_strict_into_timm_and_gives_training_features(tmp_path, tiny_networks, network):
+    cfg, networks = tiny_networks
+    write_fake_checkpoint(tmp_path, cfg, networks)
+    out = tmp_path / f"{network}.safetensors"
+    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--network", network,
+                                 "--out", str(out)]) == 0
+    net_cfg = getattr(cfg.networks, network)
+    kwargs = export_backbone.timm_kwargs(to_dict(cfg)["networks"][network])
+    model = export_backbone.create_backbone(net_cfg.arch, kwargs).eval()
+    model.load_state_dict(load_file(str(out)), strict=True)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = networks[network].backbone(images).pooled
+        torch.testing.assert_close(model(images), expected)
+        if network == "a":  # ViT: local-crop size works too, as in training
+            torch.testing.assert_close(model(images[:, :, :16, :16]),
+                                       networks[network].backbone(images[:, :, :16, :16]).pooled)
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["arch"] == net_cfg.arch and f.metadata()["step"] == "5"
+
+
+def test_student_export_from_stage0_engine_save(tmp_path, tiny_networks):
+    cfg, networks = tiny_networks
+    step_dir = write_fake_checkpoint(tmp_path, cfg, networks)
+    student = build_network(cfg.networks.b, cfg.mokd, pair_search_dim(cfg))  # differs from teacher
+    (step_dir / "b").mkdir()
+    torch.save({"module": student.state_dict()}, step_dir / "b" / "mp_rank_00_model_states.pt")
+    out = tmp_path / "student.safetensors"
+    export_backbone.export(tmp_path / "checkpoints", "b", out, student=True)
+    exported = load_file(str(out))
+    for key, value in student.backbone.model.state_dict().items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_explicit_tag_and_step_number(tmp_path, tiny_networks):
+    cfg, networks = tiny_networks
+    write_fake_checkpoint(tmp_path, cfg, networks, step=3, latest=False)
+    for tag in ("step_00000003", "3"):
+        summary = export_backbone.export(tmp_path / "checkpoints", "a", tmp_path / "a.safetensors", tag=tag)
+        assert summary["step"] == "3"
+        assert summary["timm"].startswith("timm.create_model('vit_tiny_patch16_224', pretrained=False, "
+                                          "num_classes=0, patch_size=4")
+
+
+def test_clear_errors(tmp_path, tiny_networks, capsys):
+    cfg, networks = tiny_networks
+    out = str(tmp_path / "x.safetensors")
+    assert export_backbone.main(["--checkpoint", str(tmp_path / "nope"), "--network", "a", "--out", out]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    write_fake_checkpoint(tmp_path, cfg, networks, latest=False)
+    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--network", "a", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "no 'latest' file" in err and "step_00000005" in err  # names the tags that exist
+    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--tag", "7",
+                                 "--network", "a", "--out", out]) == 2
+    assert "step_00000007" in capsys.readouterr().err
+    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--tag", "5",
+                                 "--network", "c", "--out", out]) == 2
+    assert "unknown network 'c'" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
+# ------------------------------------------- --student from real DeepSpeed ZeRO-3 / ZeRO-2 saves
+def train_one_step_and_save(rank, world_size, out_dir):
+    """Network a in a ZeRO-3 engine, b in ZeRO-2; one optimizer step; a checkpoint in our layout."""
+    import deepspeed
+    from mokd_scale import checkpoint
+    from mokd_scale.learner import Learner
+
+    cfg = load_config("tiny_cpu", ["networks.a.deepspeed=ds_configs/zero3_bf16.json",
+                                   "networks.b.deepspeed=ds_configs/zero2_bf16.json",
+                                   "train.global_batch_size=8", "train.micro_batch_size=4",
+                                   "mokd.out_dim=64", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
+                                   "mokd.search_depth=1"])
+    torch.manual_seed(0)
+    learners = {name: Learner(name, cfg, pair_search_dim(cfg), torch.device("cpu"), world_size)
+                for name in ("a", "b")}
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+    for learner in learners.values():
+        learner.apply_schedule(lr=1e-2, weight_decay=0.0, last_layer_frozen=False)
+        loss = learner.engine(images).proj.float().pow(2).mean()
+        learner.engine.backward(loss)
+        learner.engine.step()
+    checkpoint.save_checkpoint(Path(out_dir), 1, learners, {"config": to_dict(cfg)}, keep_last=1)
+    students = {}
+    for name, learner in learners.items():
+        backbone = learner.student.backbone.model
+        with deepspeed.zero.GatheredParameters(list(backbone.parameters()), modifier_rank=None,
+                                               enabled=learner.zero_stage == 3):
+            students[name] = {k: v.detach().clone().numpy() for k, v in backbone.state_dict().items()}
+    return students
+
+
+def test_student_export_from_real_zero3_and_zero2_checkpoints(tmp_path):
+    from tests.dist_harness import run_on_ranks
+
+    students = run_on_ranks(train_one_step_and_save, 2, args=(str(tmp_path / "checkpoints"),), timeout=240)
+    assert (tmp_path / "checkpoints" / "step_00000001" / "a" / "zero_pp_rank_1_mp_rank_00_model_states.pt").exists()
+    for name in ("a", "b"):
+        student_file, teacher_file = tmp_path / f"{name}_student.safetensors", tmp_path / f"{name}_teacher.safetensors"
+        export_backbone.export(tmp_path / "checkpoints", name, student_file, student=True)
+        export_backbone.export(tmp_path / "checkpoints", name, teacher_file)
+        student, teacher = load_file(str(student_file)), load_file(str(teacher_file))
+        assert set(student) == set(students[name])
+        for key, value in students[name].items():
+            torch.testing.assert_close(student[key], torch.from_numpy(value), msg=f"{name}: {key}")
+        # The step moved the student; the teacher (EMA, not updated here) still holds the init.
+        assert any(not torch.equal(student[k], teacher[k]) for k in student if k.endswith("weight"))

@@ -1,0 +1,105 @@
+"""Weighted k-NN accuracy of a checkpoint's teacher backbones (k=20, T=0.07 by default).
+
+    python tools/eval_knn.py --checkpoint runs/mokd/checkpoints
+    python tools/eval_knn.py --checkpoint runs/mokd/checkpoints --random-init   # baseline
+    torchrun --nproc-per-node 8 tools/eval_knn.py --checkpoint ... --train-shards ... --val-shards ...
+
+Memory bank: the checkpoint config's data.knn_train_shards (else data.train_shards);
+queries: data.val_shards; override with --train-shards / --val-shards. Prints one JSON
+object: {"a": {"top1", "top5"}, "b": {...}, "step", "tag", "random_init"} (on rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools, also when imported
+from export_backbone import CheckpointError, load_mokd_state, resolve_step_dir  # noqa: E402
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="OUTPUT/checkpoints of a run (or a step_X folder)")
+    parser.add_argument("--tag", default=None, help="step_XXXXXXXX or a step number (default: latest)")
+    parser.add_argument("--train-shards", default=None,
+                        help="shards of the labelled training set (default: from the checkpoint's config)")
+    parser.add_argument("--val-shards", default=None, help="shards of the validation set (default: config)")
+    parser.add_argument("--networks", default="a,b", help="comma-separated networks to evaluate")
+    parser.add_argument("--random-init", action="store_true",
+                        help="same architectures with fresh random weights (the untrained baseline)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of --random-init (default: config seed)")
+    parser.add_argument("--batch-size", type=int, default=None, help="eval batch per rank (default: eval.batch_size)")
+    parser.add_argument("--max-train-samples", type=int, default=None, help="cap of the train set (0: all)")
+    parser.add_argument("--max-val-samples", type=int, default=None, help="cap of the val set (0: all)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override other fields of the checkpoint's config, e.g. data.workers=2")
+
+
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """CLI flags as config overrides (applied on top of the checkpoint's resolved config)."""
+    overrides = list(args.set)
+    if args.train_shards is not None:
+        overrides.append(f"data.knn_train_shards={args.train_shards}")
+        overrides.append(f"data.train_shards={args.train_shards}")
+    if args.val_shards is not None:
+        overrides.append(f"data.val_shards={args.val_shards}")
+    for flag, key in (("batch_size", "eval.batch_size"), ("max_train_samples", "eval.max_train_samples"),
+                      ("max_val_samples", "eval.max_val_samples")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    return overrides
+
+
+def load_teachers(args: argparse.Namespace, device: torch.device):
+    """-> (config, {name: teacher MokdNetwork on device, eval mode}, run info for the JSON)."""
+    from mokd_scale.config import apply_override, from_dict, validate
+    from mokd_scale.models import build_network, pair_search_dim
+
+    step_dir = resolve_step_dir(args.checkpoint, args.tag)
+    state = load_mokd_state(step_dir)
+    raw = state["config"]
+    for item in config_overrides(args):
+        apply_override(raw, item)
+    config = from_dict(raw)
+    validate(config)
+    names = [n.strip() for n in args.networks.split(",") if n.strip()]
+    unknown = [n for n in names if n not in state["teachers"]]
+    if unknown:
+        raise CheckpointError(f"unknown network(s) {unknown}: this checkpoint holds {sorted(state['teachers'])}")
+    torch.manual_seed(config.seed if args.seed is None else args.seed)
+    networks = {}
+    for name in names:
+        network = build_network(getattr(config.networks, name), config.mokd, pair_search_dim(config))
+        if not args.random_init:
+            network.load_state_dict(state["teachers"][name], strict=True)
+        networks[name] = network.to(device).eval()
+    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init)}
+    return config, networks, info
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mokd_scale import dist
+    from mokd_scale.knn import evaluate_knn
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser)
+    args = parser.parse_args(argv)
+    info = dist.init_distributed()
+    try:
+        config, networks, run = load_teachers(args, info.device)
+        result = evaluate_knn(networks, config, info.rank, info.world_size, info.device)
+    except (CheckpointError, ValueError, FileNotFoundError) as error:
+        print(f"eval_knn: error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        dist.destroy()
+    if info.is_main:
+        print(json.dumps({**result, **run}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
