@@ -1,6 +1,5 @@
 """Fashion-MNIST preparation: our IDX parser and the ImageNet-shaped folder it produces."""
 import gzip
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -9,14 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tool_loader import load_tool
 
 
 prepare_fashion_mnist = load_tool("prepare_fashion_mnist")

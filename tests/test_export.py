@@ -1,6 +1,5 @@
-"""Export round trip: a fake checkpoint in the CONTRACTS layout -> safetensors -> plain timm
+"""Export round trip: a fake checkpoint in the layout of mokd_scale/checkpoint.py -> safetensors -> plain timm
 model (strict load) -> the same pooled features as the training network's backbone."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,14 +9,7 @@ from safetensors.torch import load_file, safe_open
 from mokd_scale.config import load_config, to_dict
 from mokd_scale.models import build_network, pair_search_dim
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.tool_loader import load_tool
 
 
 export_backbone = load_tool("export_backbone")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from mokd_scale import dist
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools, also when imported
 from export_backbone import CheckpointError, load_mokd_state, resolve_step_dir  # noqa: E402
 
@@ -80,25 +82,31 @@ def load_teachers(args: argparse.Namespace, device: torch.device):
     return config, networks, info
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mokd_scale import dist
-    from mokd_scale.knn import evaluate_knn
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_arguments(parser)
-    args = parser.parse_args(argv)
+def run_on_teachers(tool: str, args: argparse.Namespace, evaluate) -> int:
+    """The eval tools' shared main: load the teachers on every rank, call
+    evaluate(config, networks, info) (a collective), print its JSON once."""
     info = dist.init_distributed()
     try:
         config, networks, run = load_teachers(args, info.device)
-        result = evaluate_knn(networks, config, info.rank, info.world_size, info.device)
+        result = evaluate(config, networks, info)
     except (CheckpointError, ValueError, FileNotFoundError) as error:
-        print(f"eval_knn: error: {error}", file=sys.stderr)
+        print(f"{tool}: error: {error}", file=sys.stderr)
         return 2
     finally:
         dist.destroy()
     if info.is_main:
         print(json.dumps({**result, **run}), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mokd_scale.knn import evaluate_knn
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_checkpoint_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_on_teachers("eval_knn", args, lambda config, networks, info: evaluate_knn(
+        networks, config, info.rank, info.world_size, info.device))
 
 
 if __name__ == "__main__":

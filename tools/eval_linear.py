@@ -16,7 +16,6 @@ the same way, but gives somewhat lower absolute numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -25,8 +24,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_knn import add_checkpoint_arguments, load_teachers  # noqa: E402
-from export_backbone import CheckpointError  # noqa: E402
+from eval_knn import add_checkpoint_arguments, run_on_teachers  # noqa: E402
 
 VIT_BLOCKS = 4
 
@@ -114,8 +112,6 @@ def run_probe(config, networks: dict, rank: int, world_size: int, device: torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mokd_scale import dist
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("--epochs", type=int, default=30, help="passes over the cached train features")
@@ -123,18 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--linear-batch-size", type=int, default=256, help="classifier batch size")
     args = parser.parse_args(argv)
-    info = dist.init_distributed()
-    try:
-        config, networks, run = load_teachers(args, info.device)
-        result = run_probe(config, networks, info.rank, info.world_size, info.device, args)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
-        print(f"eval_linear: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        dist.destroy()
-    if info.is_main:
-        print(json.dumps({**result, **run}), flush=True)
-    return 0
+    return run_on_teachers("eval_linear", args, lambda config, networks, info: run_probe(
+        config, networks, info.rank, info.world_size, info.device, args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Data pipeline: shard lists, resampled WebDataset-style streaming, fast DINO multi-crop, eval loader.
 
-Public API (see CONTRACTS.md): build_train_loader, build_eval_loader, normalize_crops.
+Public API: build_train_loader, build_eval_loader, normalize_crops.
 """
 from mokd_scale.data.eval_loader import build_eval_loader
 from mokd_scale.data.multicrop import MultiCrop, crop_recipes, normalize_crops

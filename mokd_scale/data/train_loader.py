@@ -130,7 +130,7 @@ class ShardTrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """Infinite iterable of micro-batches (see CONTRACTS.md); also says how steps map to epochs."""
+    """Infinite iterable of micro-batch dicts ({"crops", "index", "label", "skipped"}); also says how steps map to epochs."""
 
     def __init__(self, dataset, workers: int, steps_per_epoch: int, micro_batches_per_step: int):
         self.dataset = dataset
