@@ -1,11 +1,24 @@
 """Data pipeline: shard lists, resampled WebDataset-style streaming, fast DINO multi-crop, eval loader.
 
 Public API: build_train_loader, build_eval_loader, normalize_crops.
+The names load on first use, so that tools/make_shards.py (which needs only PIL and the
+imagenet_folder / shard_writer modules) starts without importing torch.
 """
-from mokd_scale.data.eval_loader import build_eval_loader
-from mokd_scale.data.multicrop import MultiCrop, crop_recipes, normalize_crops
-from mokd_scale.data.shard_spec import ShardList, resolve_shards
-from mokd_scale.data.train_loader import build_train_loader
+import importlib
 
-__all__ = ["build_train_loader", "build_eval_loader", "normalize_crops", "MultiCrop", "crop_recipes",
-           "resolve_shards", "ShardList"]
+_PUBLIC = {
+    "build_train_loader": "train_loader",
+    "build_eval_loader": "eval_loader",
+    "normalize_crops": "multicrop",
+    "MultiCrop": "multicrop",
+    "crop_recipes": "multicrop",
+    "resolve_shards": "shard_spec",
+    "ShardList": "shard_spec",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
