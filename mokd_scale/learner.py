@@ -107,8 +107,8 @@ class Learner:
         self.teacher = self.make_teacher(student)
         self.ds_config = deepspeed_config(self.net_cfg, config, world_size, self.dtype, load_universal)
         optimizer = build_optimizer(self.net_cfg, parameter_groups(student))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
-                                                                 config=self.ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+                                                    config=self.ds_config)
         if self.dtype == torch.bfloat16:
             match_buffers_to_parameters(self.engine.module)
         self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum).to(device)

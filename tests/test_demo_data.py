@@ -39,15 +39,24 @@ def test_read_idx_rejects_bad_magic_and_truncation(tmp_path):
         prepare_fashion_mnist.read_idx(tmp_path / "short")
 
 
-def fake_fashion_mnist(source: Path, n_train=30, n_val=20):
+def write_fake_fashion_mnist(source: Path, n_train: int, n_val: int, make_images) -> None:
+    """IDX files as Debian's package ships them; make_images(labels) gives (n, 28, 28) uint8."""
     source.mkdir()
-    rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_val)):
         labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        images[:, 0, 0] = labels * 20  # a marker pixel, to check images keep their labels
-        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", images, 0x08)
+        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", make_images(labels), 0x08)
         write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x08)
+
+
+def fake_fashion_mnist(source: Path, n_train=30, n_val=20):
+    rng = np.random.default_rng(0)
+
+    def noise_with_marker(labels):
+        images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+        images[:, 0, 0] = labels * 20  # a marker pixel, to check images keep their labels
+        return images
+
+    write_fake_fashion_mnist(source, n_train, n_val, noise_with_marker)
 
 
 def test_prepare_writes_imagenet_layout_with_subsets(tmp_path):
@@ -90,15 +99,15 @@ def test_missing_package_names_the_apt_command(tmp_path, capsys):
 
 def striped_fashion_mnist(source: Path, n_train=60, n_val=30):
     """Class c = a bright band at rows 2c..2c+3 plus noise: trivially separable by pixels."""
-    source.mkdir()
     rng = np.random.default_rng(1)
-    for prefix, n in (("train", n_train), ("t10k", n_val)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
+
+    def noise_with_band(labels):
+        images = rng.integers(0, 40, (len(labels), 28, 28), dtype=np.uint8)
         for i, label in enumerate(labels):
             images[i, 2 * label + 4:2 * label + 8] = 230
-        write_idx(source / f"{prefix}-images-idx3-ubyte.gz", images, 0x08)
-        write_idx(source / f"{prefix}-labels-idx1-ubyte.gz", labels, 0x08)
+        return images
+
+    write_fake_fashion_mnist(source, n_train, n_val, noise_with_band)
 
 
 class Pixels(torch.nn.Module):
