@@ -18,6 +18,7 @@ from mokd_scale.config import Config
 from mokd_scale.data import normalize_crops
 from mokd_scale.learner import Learner
 from mokd_scale.mokd_terms import TeacherOutputs, network_losses, teacher_forward
+from mokd_scale.profiling import phase
 from mokd_scale.schedules import Schedules
 
 TERMS = ("self_proj", "self_search", "cross_proj", "cross_search", "loss")
@@ -67,8 +68,10 @@ class Coordinator:
             self.micro_step(step, batch, values["teacher_temperature"], stats, inject_nan)
         self.check_grad_norms(step)
         for learner in self.learners.values():
-            learner.centers.update()
-            learner.update_teacher(values["teacher_momentum"])
+            with phase("centers"):
+                learner.centers.update()
+            with phase("ema"):
+                learner.update_teacher(values["teacher_momentum"])
         return stats
 
     def micro_step(self, step: int, batch: dict, teacher_temperature: float, stats: StepStats,
@@ -86,23 +89,28 @@ class Coordinator:
             total = terms.total * float("nan") if inject_nan and name == "a" else terms.total
             # A non-finite loss only matters at engine.step(): its backward runs on every rank alike
             # (same collectives), so the ranks agree once per micro-batch, below, instead of once per network.
-            learner.engine.backward(total)
+            with phase("student_backward"):
+                learner.engine.backward(total)
             term_values[name] = torch.stack([t.detach().float() for t in terms._replace(total=total)])
             add_to(stats.terms, name, term_values[name])
             del terms, total  # free this network's graph before the partner's forward
-        self.check_finite(term_values, step)  # before any engine.step(): no rank updates alone
+        with phase("finite_check"):
+            self.check_finite(term_values, step)  # before any engine.step(): no rank updates alone
         for learner in self.learners.values():
-            learner.engine.step()  # applies the update only at the accumulation boundary
-        for name, outputs in teacher_outputs.items():
-            self.learners[name].centers.accumulate(outputs.proj, outputs.search)
-            record_collapse(stats, name, outputs, self.learners[name].centers, teacher_temperature)
+            with phase("optimizer"):
+                learner.engine.step()  # applies the update only at the accumulation boundary
+        with phase("centers"):
+            for name, outputs in teacher_outputs.items():
+                self.learners[name].centers.accumulate(outputs.proj, outputs.search)
+                record_collapse(stats, name, outputs, self.learners[name].centers, teacher_temperature)
         stats.micro_batches += 1
         stats.images += crops[0].shape[0]
         stats.skipped += int(batch.get("skipped", 0))
 
     def teacher_outputs(self, learner: Learner, global_crops: list[torch.Tensor]) -> TeacherOutputs:
         learner.teacher.train()  # batch statistics in BatchNorm, like the student sees
-        return teacher_forward(learner.teacher, global_crops, compute_dtype=learner.dtype)
+        with phase("teacher_forward"):
+            return teacher_forward(learner.teacher, global_crops, compute_dtype=learner.dtype)
 
     def check_finite(self, term_values: dict[str, torch.Tensor], step: int) -> None:
         """Agreed across ranks (one all-reduce, one host sync) before any engine.step(), so no rank

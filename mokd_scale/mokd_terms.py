@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy
+from mokd_scale.profiling import phase
 
 
 class TeacherOutputs(NamedTuple):
@@ -132,13 +133,16 @@ def network_losses(student: nn.Module, crops: Sequence[torch.Tensor], own: Teach
                    lambda_cross: float, compute_dtype: torch.dtype | None = None) -> LossTerms:
     """Network X's four terms and total for one micro-batch (fp32 scalars; total has a graph
     into X's student only). `student` may be a DeepSpeed engine wrapping the MokdNetwork."""
-    student_out = student_forward(student, crops, compute_dtype)
-    targets = cross_search_targets(partner_teacher, partner, student_out.local_queries, compute_dtype)
-    temps = (teacher_temperature, student_temperature)
-    num_global = len(own.proj)
-    self_proj = dino_cross_entropy(student_out.proj, own.proj, *temps, center=centers_own.proj)
-    self_search = dino_cross_entropy(student_out.search, own.search, *temps, center=centers_own.search)
-    cross_proj = dino_cross_entropy(student_out.proj, partner.proj, *temps, center=centers_partner.proj)
-    cross_search = paired_cross_entropy(student_out.search[num_global:], targets, *temps)
-    total = self_proj + self_search + lambda_cross * (cross_proj + cross_search)
+    with phase("student_forward"):
+        student_out = student_forward(student, crops, compute_dtype)
+    with phase("cross_search_targets"):
+        targets = cross_search_targets(partner_teacher, partner, student_out.local_queries, compute_dtype)
+    with phase("losses"):
+        temps = (teacher_temperature, student_temperature)
+        num_global = len(own.proj)
+        self_proj = dino_cross_entropy(student_out.proj, own.proj, *temps, center=centers_own.proj)
+        self_search = dino_cross_entropy(student_out.search, own.search, *temps, center=centers_own.search)
+        cross_proj = dino_cross_entropy(student_out.proj, partner.proj, *temps, center=centers_partner.proj)
+        cross_search = paired_cross_entropy(student_out.search[num_global:], targets, *temps)
+        total = self_proj + self_search + lambda_cross * (cross_proj + cross_search)
     return LossTerms(self_proj, self_search, cross_proj, cross_search, total)
