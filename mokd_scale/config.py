@@ -63,6 +63,7 @@ class TrainConfig:
     keep_last: int = 3
     stop_after_steps: int = 0  # end this run cleanly after N more steps (0: run to `steps`)
     knn_every: int = 0  # 0: no periodic k-NN
+    compile: bool = False  # torch.compile each block and head (mokd_scale/models/compile.py); for GPUs
 
 
 @dataclass(frozen=True)

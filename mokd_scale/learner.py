@@ -18,6 +18,7 @@ from mokd_scale.config import Config, NetworkConfig, gradient_accumulation_steps
 from mokd_scale.lars import LARS
 from mokd_scale.losses import Centers
 from mokd_scale.models import MokdNetwork, build_network
+from mokd_scale.models.compile import compile_regions
 
 LAST_LAYER = "last_layer"
 BACKBONE_AND_HEADS = "regular"
@@ -33,6 +34,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def wants_channels_last(network: MokdNetwork, device: torch.device, dtype: torch.dtype) -> bool:
+    """CNNs in bf16 on a GPU: tensor-core convolutions want NHWC. A CPU or fp32 gains nothing."""
+    return not network.backbone.is_vit and device.type == "cuda" and dtype == torch.bfloat16
 
 
 def parameter_groups(student: MokdNetwork) -> list[dict]:
@@ -104,7 +110,10 @@ class Learner:
         if device.type == "cuda" and world_size > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         student.to(device)
+        student.backbone.channels_last = wants_channels_last(student, device, self.dtype)  # the teacher copies it
         self.teacher = self.make_teacher(student)
+        if config.train.compile:
+            compile_student_and_teacher(student, self.teacher, self.net_cfg)
         self.ds_config = deepspeed_config(self.net_cfg, config, world_size, self.dtype, load_universal)
         optimizer = build_optimizer(self.net_cfg, parameter_groups(student))
         self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
@@ -158,6 +167,16 @@ def match_buffers_to_parameters(module: nn.Module) -> None:
     for buffer in module.buffers():
         if buffer.is_floating_point():
             buffer.data = buffer.data.to(torch.bfloat16)
+
+
+def compile_student_and_teacher(student: nn.Module, teacher: nn.Module, net: NetworkConfig) -> None:
+    """train.compile: regional torch.compile, before DeepSpeed wraps the student (its engine then
+    calls the compiled blocks)."""
+    if zero_stage_of(net) == 3:
+        raise ValueError(f"train.compile with ZeRO-3 ({net.deepspeed}): ZeRO-3 gathers each block's parameters in "
+                         "hooks that a compiled block would have to trace; use a ZeRO-2 config or train.compile=false")
+    for network in (student, teacher):
+        compile_regions(network)
 
 
 def gathered(params: list[nn.Parameter], zero_stage: int):

@@ -135,6 +135,16 @@ def network_losses(student: nn.Module, crops: Sequence[torch.Tensor], own: Teach
     into X's student only). `student` may be a DeepSpeed engine wrapping the MokdNetwork."""
     with phase("student_forward"):
         student_out = student_forward(student, crops, compute_dtype)
+    return student_losses(student_out, own, partner, partner_teacher, centers_own, centers_partner,
+                          teacher_temperature, student_temperature, lambda_cross, compute_dtype)
+
+
+def student_losses(student_out: StudentOutputs, own: TeacherOutputs, partner: TeacherOutputs,
+                   partner_teacher: nn.Module, centers_own: Centers, centers_partner: Centers,
+                   teacher_temperature: float, student_temperature: float, lambda_cross: float,
+                   compute_dtype: torch.dtype | None = None) -> LossTerms:
+    """The terms of network_losses() from a student forward already run (a DDP loop runs both
+    students' forwards before any loss)."""
     with phase("cross_search_targets"):
         targets = cross_search_targets(partner_teacher, partner, student_out.local_queries, compute_dtype)
     with phase("losses"):

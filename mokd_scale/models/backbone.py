@@ -52,6 +52,7 @@ class Backbone(nn.Module):
         if self.is_vit and getattr(self.model, "global_pool", None) != "token":
             raise ValueError(f"{arch} with arch_kwargs {arch_kwargs}: MOKD needs a ViT pooled by its class "
                              "token (global_pool='token', class_token=True)")
+        self.channels_last = False  # NHWC activations (the Learner sets it for CNNs in bf16 on GPUs)
         self.pooled_dim = self.model.num_features
         self.token_dim = self.model.num_features
         if grad_checkpointing:
@@ -59,6 +60,11 @@ class Backbone(nn.Module):
             self.model.set_grad_checkpointing(True)
 
     def forward(self, images: torch.Tensor) -> BackboneOutput:
+        if self.channels_last:
+            # Convolutions follow their input's layout. The weights keep theirs: DeepSpeed views
+            # parameters as bytes (stride(-1) must be 1) and ZeRO re-views them in flat buffers,
+            # and the teacher's must match the student's for the multi-tensor EMA.
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.model.forward_features(images)
         if self.is_vit:
             return self._vit_output(features, images.shape[-2:])

@@ -1,0 +1,132 @@
+"""The step's optional speed-ups keep its numbers: regional torch.compile (train.compile) and
+channels_last CNNs give the same losses and updated weights as the plain eager step (fp32)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from mokd_scale.config import load_config
+from tests.dist_harness import run_on_ranks
+
+# Tiny fp32 pair with what the flagship uses around the blocks: ZeRO-2 flat buffers, gradient
+# checkpointing, two crop sizes, SGD on the CNN (an update linear in the gradient, so weights
+# compare at fp32 tolerance; AdamW's update would magnify rounding in near-zero gradients).
+TINY = ["data.source=synthetic", "train.global_batch_size=4", "train.micro_batch_size=4",
+        "data.samples_per_epoch=64", "mokd.out_dim=64", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
+        "data.global_crop_size=16", "data.local_crop_size=8", "data.synthetic_image_size=20", "data.workers=0",
+        "train.warmup_epochs=0", "mokd.search_depth=1", "networks.b.arch=resnet18",
+        "networks.a.arch_kwargs={patch_size: 4, img_size: 16, embed_dim: 64, depth: 1, num_heads: 1}",
+        "networks.b.arch_kwargs={output_stride: 8, stem_width: 8, channels: [8, 8, 8, 8], layers: [1, 1, 1, 1]}",
+        "networks.a.optimizer=sgd", "networks.b.optimizer=sgd", "networks.a.lr=0.5", "networks.b.lr=0.5",
+        "networks.a.deepspeed=ds_configs/zero2_bf16.json", "networks.b.deepspeed=ds_configs/zero2_bf16.json",
+        "networks.a.grad_checkpointing=true", "networks.b.grad_checkpointing=true"]
+STEPS = 2
+
+
+def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
+    """STEPS steps of the real Coordinator; `compiled` networks get train.compile=true."""
+    from mokd_scale.coordinator import TERMS, Coordinator
+    from mokd_scale.data import build_train_loader
+    from mokd_scale.learner import Learner
+    from mokd_scale.models import pair_search_dim
+    from mokd_scale.schedules import Schedules
+
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    learners = {}
+    for name in "ab":
+        train = dataclasses.replace(config.train, compile=name in compiled)
+        learners[name] = Learner(name, dataclasses.replace(config, train=train), pair_search_dim(config), device, 1)
+    coordinator = Coordinator(config, learners, Schedules.build(config), device)
+    batches = iter(build_train_loader(config.data, 4, 4, 0, 1, 0, 0))
+    losses = []
+    for step in range(STEPS):
+        stats = coordinator.train_step(step, [next(batches)])
+        losses.append([stats.term(n, t) for n in "ab" for t in TERMS])
+    weights = {f"{n}.{part}.{k}": v.detach().clone() for n, learner in learners.items()
+               for part, module in (("student", learner.student), ("teacher", learner.teacher))
+               for k, v in module.state_dict().items()}
+    layouts = {n: learner.teacher.backbone.channels_last for n, learner in learners.items()}
+    return {"losses": losses, "weights": weights, "channels_last": layouts}
+
+
+def assert_same_step(plain: dict, other: dict) -> None:
+    torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-6)
+    assert plain["weights"].keys() == other["weights"].keys()  # compiling renames nothing
+    for key, value in plain["weights"].items():
+        torch.testing.assert_close(other["weights"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    moved = [k for k, v in plain["weights"].items() if ".student." in k and "running" not in k]
+    assert moved  # the comparison covers updated weights, not only the initial ones
+
+
+def compiled_rank(rank, world_size):
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = 1  # a pool of compile workers costs more than it saves on 2 cores
+    config = load_config("tiny_cpu", TINY)
+    # Network a only (ViT blocks, search-head blocks, projection head): compiling on two CPU
+    # cores costs about a minute per network, and both networks go through the same code.
+    return run_steps(config), run_steps(config, compiled=("a",))
+
+
+def test_compiled_step_gives_the_eager_losses_and_weights():
+    plain, compiled = run_on_ranks(compiled_rank, 1, timeout=600)
+    assert_same_step(plain, compiled)
+
+
+def channels_last_rank(rank, world_size):
+    import mokd_scale.learner as learner
+
+    config = load_config("tiny_cpu", TINY)
+    plain = run_steps(config)
+    # What a bf16 run on a GPU does, forced on the CPU in fp32 where the numbers can be compared.
+    learner.wants_channels_last = lambda network, device, dtype: not network.backbone.is_vit
+    return plain, run_steps(config)
+
+
+def test_channels_last_cnn_step_gives_the_default_layout_losses_and_weights():
+    plain, nhwc = run_on_ranks(channels_last_rank, 1, timeout=300)
+    assert plain["channels_last"] == {"a": False, "b": False}
+    assert nhwc["channels_last"] == {"a": False, "b": True}
+    assert_same_step(plain, nhwc)
+
+
+def test_channels_last_is_chosen_for_cnns_in_bf16_on_gpus_only():
+    from mokd_scale.learner import wants_channels_last
+    from mokd_scale.models import build_network, pair_search_dim
+
+    config = load_config("tiny_cpu", TINY)
+    vit, cnn = (build_network(getattr(config.networks, n), config.mokd, pair_search_dim(config)) for n in "ab")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert wants_channels_last(cnn, cuda, torch.bfloat16)
+    assert not wants_channels_last(cnn, cuda, torch.float32)
+    assert not wants_channels_last(cnn, cpu, torch.bfloat16)
+    assert not wants_channels_last(vit, cuda, torch.bfloat16)
+
+
+def test_compile_regions_are_every_block_and_both_heads():
+    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models.compile import compile_regions
+
+    config = load_config("tiny_cpu", TINY + ["networks.b.arch_kwargs.layers=[2, 1, 1, 3]"])
+    for name, blocks in (("a", 1), ("b", 7)):
+        network = build_network(getattr(config.networks, name), config.mokd, pair_search_dim(config))
+        regions = compile_regions(network, backend="eager")
+        assert len(regions) == blocks + config.mokd.search_depth + 2
+        assert network.projection_head in regions and network.search_head.last_layer in regions
+        assert all(module._compiled_call_impl is not None for module in regions)
+
+
+def test_compile_refuses_unknown_backbones_and_zero3():
+    from mokd_scale.learner import Learner
+    from mokd_scale.models import pair_search_dim
+
+    config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.b.arch=convnext_atto",
+                                             "networks.b.arch_kwargs={}"])
+    with pytest.raises(ValueError, match="train.compile knows ViT blocks and ResNet"):
+        Learner("b", config, pair_search_dim(config), torch.device("cpu"), 1)
+    config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.a.deepspeed=ds_configs/zero3_bf16.json"])
+    with pytest.raises(ValueError, match="train.compile with ZeRO-3"):
+        Learner("a", config, pair_search_dim(config), torch.device("cpu"), 1)
