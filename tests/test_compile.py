@@ -27,7 +27,7 @@ STEPS = 2
 
 def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
     """STEPS steps of the real Coordinator; `compiled` networks get train.compile=true."""
-    from mokd_scale.coordinator import TERMS, Coordinator
+    from mokd_scale.coordinator import Coordinator
     from mokd_scale.data import build_train_loader
     from mokd_scale.learner import Learner
     from mokd_scale.models import pair_search_dim
@@ -44,7 +44,7 @@ def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
     losses = []
     for step in range(STEPS):
         stats = coordinator.train_step(step, [next(batches)])
-        losses.append([stats.term(n, t) for n in "ab" for t in TERMS])
+        losses.append([stats.term(n, t) for n in "ab" for t in stats.term_names])
     weights = {f"{n}.{part}.{k}": v.detach().clone() for n, learner in learners.items()
                for part, module in (("student", learner.student), ("teacher", learner.teacher))
                for k, v in module.state_dict().items()}
@@ -95,10 +95,10 @@ def test_channels_last_cnn_step_gives_the_default_layout_losses_and_weights():
 
 def test_channels_last_is_chosen_for_cnns_in_bf16_on_gpus_only():
     from mokd_scale.learner import wants_channels_last
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", TINY)
-    vit, cnn = (build_network(getattr(config.networks, n), config.mokd, pair_search_dim(config)) for n in "ab")
+    vit, cnn = (build_network(config, name) for name in "ab")
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert wants_channels_last(cnn, cuda, torch.bfloat16)
     assert not wants_channels_last(cnn, cuda, torch.float32)
@@ -107,12 +107,12 @@ def test_channels_last_is_chosen_for_cnns_in_bf16_on_gpus_only():
 
 
 def test_compile_regions_are_every_block_and_both_heads():
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
     from mokd_scale.models.compile import compile_regions
 
     config = load_config("tiny_cpu", TINY + ["networks.b.arch_kwargs.layers=[2, 1, 1, 3]"])
     for name, blocks in (("a", 1), ("b", 7)):
-        network = build_network(getattr(config.networks, name), config.mokd, pair_search_dim(config))
+        network = build_network(config, name)
         regions = compile_regions(network, backend="eager")
         assert len(regions) == blocks + config.mokd.search_depth + 2
         assert network.projection_head in regions and network.search_head.last_layer in regions
@@ -124,7 +124,7 @@ def test_compile_refuses_unknown_backbones_and_zero3():
     from mokd_scale.models import pair_search_dim
 
     config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.b.arch=convnext_atto",
-                                             "networks.b.arch_kwargs={}"])
+                                             "networks.b.arch_kwargs={}", "data.global_crop_size=64"])
     with pytest.raises(ValueError, match="train.compile knows ViT blocks and ResNet"):
         Learner("b", config, pair_search_dim(config), torch.device("cpu"), 1)
     config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.a.deepspeed=ds_configs/zero3_bf16.json"])

@@ -25,8 +25,9 @@ def compile_regions(network: nn.Module, **options) -> list[nn.Module]:
     torch.compile (default dynamic=False). Returns the compiled modules."""
     options.setdefault("dynamic", False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    regions = [*backbone_blocks(network.backbone), *network.search_head.blocks,
-               network.search_head.last_layer, network.projection_head]
+    regions = [*backbone_blocks(network.backbone), network.projection_head]
+    if network.search_head is not None:  # none in DINO-only (independent) mode
+        regions += [*network.search_head.blocks, network.search_head.last_layer]
     for module in regions:
         module.compile(**options)
     return regions
