@@ -114,8 +114,8 @@ def test_compile_regions_are_every_block_and_both_heads():
     for name, blocks in (("a", 1), ("b", 7)):
         network = build_network(config, name)
         regions = compile_regions(network, backend="eager")
-        assert len(regions) == blocks + config.mokd.search_depth + 2
-        assert network.projection_head in regions and network.search_head.last_layer in regions
+        assert len(regions) == blocks + 2
+        assert network.projection_head in regions and network.search_head in regions
         assert all(module._compiled_call_impl is not None for module in regions)
 
 

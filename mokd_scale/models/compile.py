@@ -1,7 +1,8 @@
-"""Regional torch.compile of a MokdNetwork: each transformer or residual block, and the heads.
+"""Regional torch.compile of a MokdNetwork: each transformer or residual block of the backbone,
+the projection head and the search head (its forward: blocks, pooling, last layer).
 
-Compiling blocks rather than the whole network keeps what the step relies on working: the
-global and local crops (a few input shapes per block), gradient checkpointing (timm
+Compiling regions rather than the whole network keeps what the step relies on working: the
+global and local crops (a few input shapes per region), gradient checkpointing (timm
 checkpoints block by block, so each checkpointed region is one compiled graph), and the
 cross-search calls of the search head with a query token. `nn.Module.compile` compiles in
 place, so parameter names and state_dict keys (checkpoints, EMA, export) do not change.
@@ -27,7 +28,7 @@ def compile_regions(network: nn.Module, **options) -> list[nn.Module]:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     regions = [*backbone_blocks(network.backbone), network.projection_head]
     if network.search_head is not None:  # none in DINO-only (independent) mode
-        regions += [*network.search_head.blocks, network.search_head.last_layer]
+        regions.append(network.search_head)
     for module in regions:
         module.compile(**options)
     return regions
