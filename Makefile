@@ -33,7 +33,7 @@ fashion-mnist:
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 demo: setup fashion-mnist
-	$(PY) tools/demo.py
+	$(PY) -m mokd_scale.tools.demo
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

@@ -27,5 +27,15 @@ setup(
     package_data={"mokd_scale": ["configs/*.yaml"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["mokd-train = mokd_scale.train:main"]},
+    entry_points={"console_scripts": [
+        "mokd-train = mokd_scale.train:main",
+        "mokd-shards = mokd_scale.tools.make_shards:main",
+        "mokd-eval-knn = mokd_scale.tools.eval_knn:main",
+        "mokd-eval-linear = mokd_scale.tools.eval_linear:main",
+        "mokd-export = mokd_scale.tools.export:main",
+        "mokd-bench = mokd_scale.tools.bench.main:main",
+        "mokd-demo = mokd_scale.tools.demo:main",
+        "mokd-fashion-mnist = mokd_scale.tools.prepare_fashion_mnist:main",
+        "mokd-plot = mokd_scale.tools.plot_metrics:main",
+    ]},
 )

@@ -272,7 +272,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if data.source not in ("shards", "synthetic"):
         raise ConfigError(f"data.source must be 'shards' or 'synthetic', got {data.source!r}")
     if data.source == "shards" and not data.train_shards:
-        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from tools/make_shards.py "
+        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from mokd-shards "
                           "(or use data.source=synthetic)")
     if data.local_crop_size >= data.global_crop_size:
         raise ConfigError(f"data.local_crop_size ({data.local_crop_size}) must be smaller than "
@@ -288,7 +288,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
                           f"train.global_batch_size ({train.global_batch_size})")
     if train.knn_every and not data.val_shards:
         raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
-                          "data.train_shards) pointing at shards from tools/make_shards.py")
+                          "data.train_shards) pointing at shards from mokd-shards")
     for key in ("a", "b"):
         validate_network(getattr(config.networks, key), f"networks.{key}")
     if world_size is not None:

@@ -8,10 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tool_loader import load_tool
-
-
-prepare_fashion_mnist = load_tool("prepare_fashion_mnist")
+from mokd_scale.tools import make_shards, prepare_fashion_mnist
 
 
 def write_idx(path: Path, array: np.ndarray, type_code: int, compress=True):
@@ -125,7 +122,6 @@ def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
     striped_fashion_mnist(tmp_path / "src")
     root = tmp_path / "fm"
     prepare_fashion_mnist.prepare(tmp_path / "src", root, 0, 0, size=32)
-    make_shards = load_tool("make_shards")
     for split in ("train", "val"):
         assert make_shards.main(["--imagenet-root", str(root), "--split", split, "--out", str(tmp_path / "shards"),
                                  "--samples-per-shard", "16", "--workers", "1"]) == 0

@@ -8,11 +8,7 @@ from safetensors.torch import load_file, safe_open
 
 from mokd_scale.config import load_config, to_dict
 from mokd_scale.models import build_network, pair_search_dim
-
-from tests.tool_loader import load_tool
-
-
-export_backbone = load_tool("export_backbone")
+from mokd_scale.tools import export as export_backbone
 
 
 @pytest.fixture(scope="module")

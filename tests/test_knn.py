@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mokd_scale import knn
+from mokd_scale.tools import eval_linear
 from tests.dist_harness import run_on_ranks
 
 
@@ -148,21 +149,8 @@ def test_two_rank_gather_equals_one_process():
         assert accuracy == one_accuracy
 
 
-# ------------------------------------------------------------ linear probe (tools/eval_linear.py)
-def load_eval_linear():
-    import importlib.util
-    import sys
-    from pathlib import Path
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))
-    spec = importlib.util.spec_from_file_location("eval_linear", tools / "eval_linear.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+# ------------------------------------------------------------ linear probe (mokd-eval-linear)
 def test_linear_probe_learns_separable_features_and_not_noise():
-    eval_linear = load_eval_linear()
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (400,), generator=generator)
     centres = 3 * torch.randn(4, 32, generator=generator)
@@ -177,7 +165,6 @@ def test_linear_probe_learns_separable_features_and_not_noise():
 
 def test_linear_probe_vit_features_are_the_last_four_normed_class_tokens():
     import timm
-    eval_linear = load_eval_linear()
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
                             embed_dim=32, depth=5, num_heads=2).eval()

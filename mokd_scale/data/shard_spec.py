@@ -2,7 +2,7 @@
 
 Two spellings are accepted, because clusters use both:
 - a brace pattern, "dir/imagenet-train-{000000..000127}.tar" (several patterns may be joined with "::");
-- an index JSON as written by tools/make_shards.py: {"shardlist": [{"url": ..., "nsamples": ...}, ...]},
+- an index JSON as written by mokd-shards: {"shardlist": [{"url": ..., "nsamples": ...}, ...]},
   where a relative url is relative to the folder holding the JSON (so a shard folder can be moved whole).
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _read_index_json(path: str) -> ShardList:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"shard index {path!r} cannot be read as JSON ({err}); "
-                         "write it with tools/make_shards.py") from err
+                         "write it with mokd-shards") from err
     entries = index.get("shardlist") if isinstance(index, dict) else None
     if not entries:
         raise ValueError(f"shard index {path!r} has no non-empty 'shardlist'; "
@@ -79,5 +79,5 @@ def resolve_shards(spec: str, what: str = "data.train_shards") -> ShardList:
     missing = [u for u in shards.urls if not _is_remote(u) and not os.path.isfile(u)]
     if missing:
         raise ValueError(f"{what}: {len(missing)} of {len(shards.urls)} shards do not exist, "
-                         f"first {missing[0]!r}; check the pattern or run tools/make_shards.py")
+                         f"first {missing[0]!r}; check the pattern or run mokd-shards")
     return shards

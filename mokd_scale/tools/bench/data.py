@@ -6,7 +6,7 @@ the per-DataLoader-worker speed-up. The reference is DINO's DataAugmentationDINO
 decode, then torchvision RandomResizedCrop / flip / ColorJitter / grayscale / PIL Gaussian blur /
 solarize, ToTensor and Normalize per crop.
 
-    python tools/bench_data.py [--images 64] [--seconds 8] [--locals 8] [--loader-workers N] [--json out.json]
+    mokd-bench data [--images 64] [--seconds 8] [--locals 8] [--loader-workers N] [--json out.json]
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mokd_scale.data.multicrop import MultiCrop, stack_crops  # noqa: E402
+from mokd_scale.data.multicrop import MultiCrop, stack_crops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -148,7 +147,7 @@ def _loader_images_per_s(jpegs: list[bytes], workers: int, seconds: float, num_l
 
 
 def run_data_bench(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="bench.py data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mokd-bench data", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=64, help="number of distinct JPEGs")
     parser.add_argument("--seconds", type=float, default=8.0, help="CPU seconds per pipeline per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (noise on shared CPUs)")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert an ImageNet folder tree into WebDataset tar shards plus a wids-style index.
 
-  python tools/make_shards.py --imagenet-root /data/imagenet --split train --out /data/shards
-  python tools/make_shards.py --imagenet-root /data/imagenet --split val --out /data/shards
+  mokd-shards --imagenet-root /data/imagenet --split train --out /data/shards
+  mokd-shards --imagenet-root /data/imagenet --split val --out /data/shards
 
 writes OUT/imagenet-{split}-000000.tar ... and OUT/imagenet-{split}.json. Each sample
 holds KEY.jpg (the original bytes of an RGB JPEG, else an RGB JPEG re-encoded at
@@ -43,8 +43,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from mokd_scale.data.imagenet_folder import ImageNetLayoutError, SourceImage, list_split, train_classes
-from mokd_scale.data.shard_writer import (
+from mokd_scale.shards.imagenet_folder import ImageNetLayoutError, SourceImage, list_split, train_classes
+from mokd_scale.shards.shard_writer import (
     PlannedSample, ShardTask, convert_shard, convert_shard_in_pool, init_pool_worker, write_json_atomically)
 
 PLAN_FORMAT = 1  # bump when the bytes of a shard would change for the same plan

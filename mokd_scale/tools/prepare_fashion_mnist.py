@@ -4,10 +4,10 @@
     ROOT/val/n0000000X/fmnist_val_000045.JPEG
     ROOT/classes.txt                                 "n00000000 T-shirt/top" per line
 
-so that tools/make_shards.py treats it exactly like ImageNet. Images are 3-channel JPEGs
+so that mokd-shards treats it exactly like ImageNet. Images are 3-channel JPEGs
 (the backbones expect RGB), optionally upscaled. A subset per class keeps the CPU demo fast.
 
-    python tools/prepare_fashion_mnist.py --out demo_out/fashion_mnist \
+    mokd-fashion-mnist --out demo_out/fashion_mnist \
         --train-per-class 500 --val-per-class 100 --size 32
 """
 from __future__ import annotations

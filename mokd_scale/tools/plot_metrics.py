@@ -1,6 +1,6 @@
 """Plot a run's loss terms and k-NN accuracy from OUTPUT/metrics.jsonl.
 
-    python tools/plot_metrics.py runs/tiny_cpu/metrics.jsonl --out runs/tiny_cpu/metrics.png
+    mokd-plot runs/tiny_cpu/metrics.jsonl --out runs/tiny_cpu/metrics.png
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Weighted k-NN accuracy of a checkpoint's teacher backbones (k=20, T=0.07 by default).
 
-    python tools/eval_knn.py --checkpoint runs/mokd/checkpoints
-    python tools/eval_knn.py --checkpoint runs/mokd/checkpoints --random-init   # baseline
-    torchrun --nproc-per-node 8 tools/eval_knn.py --checkpoint ... --train-shards ... --val-shards ...
+    mokd-eval-knn --checkpoint runs/mokd/checkpoints
+    mokd-eval-knn --checkpoint runs/mokd/checkpoints --random-init   # baseline
+    torchrun --nproc-per-node 8 -m mokd_scale.tools.eval_knn --checkpoint ... --train-shards ... --val-shards ...
 
 Memory bank: the checkpoint config's data.knn_train_shards (else data.train_shards);
 queries: data.val_shards; override with --train-shards / --val-shards. Prints one JSON
@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from mokd_scale import dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling tools, also when imported
-from export_backbone import CheckpointError, load_mokd_state, resolve_step_dir  # noqa: E402
+from mokd_scale.tools.export import CheckpointError, load_mokd_state, resolve_step_dir
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,13 @@
-"""bench.py step: images/s, model FLOP/s and MFU of the real MOKD step, against a plain DDP loop.
+"""mokd-bench step: images/s, model FLOP/s and MFU of the real MOKD step, against a plain DDP loop.
 
-    python tools/bench.py step [--config tiny_cpu] [--set KEY=VALUE ...] [--zero 0|1|2|3]
+    mokd-bench step [--config tiny_cpu] [--set KEY=VALUE ...] [--zero 0|1|2|3]
                                [--nproc 2] [--steps 10] [--warmup 2] [--rounds 2] [--out FILE]
 
 "ours" is Coordinator.train_step over two Learners (DeepSpeed engines, fp32 EMA teachers), exactly
 what mokd-train runs. "ddp" is the authors' way of running the same math: both students wrapped in
 torch DDP, both forwards, one backward of the summed losses, torch optimizers, fp32 EMA teachers.
 Both loops get the same crops (pre-built synthetic micro-batches, so the data pipeline is not
-timed; see `bench.py data` for that) and the same MOKD terms (mokd_scale.mokd_terms, Centers).
+timed; see `mokd-bench data` for that) and the same MOKD terms (mokd_scale.mokd_terms, Centers).
 
 Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
 micro-batch on the meta device (no memory, exact shapes): both teachers' forwards on the global
@@ -35,16 +35,14 @@ import math
 import os
 import queue
 import resource
-import sys
 import time
 import traceback
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mokd_scale import dist  # noqa: E402
-from mokd_scale.config import Config, load_config, validate_world_size  # noqa: E402
+from mokd_scale import dist
+from mokd_scale.config import Config, load_config, validate_world_size
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
@@ -628,7 +626,7 @@ def step_table(report: dict) -> str:
 
 
 def parse_step_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mokd-bench step", description=__doc__.split("\n")[0])
     add_recipe_args(parser)
     parser.add_argument("--zero", type=int, choices=sorted(ZERO_CONFIGS), default=None,
                         help="ZeRO stage for both networks: 0 -> ds_configs/zero0_fp32_cpu.json, "

@@ -1,11 +1,11 @@
 """The CPU demo (`make demo`): a real MOKD run on Fashion-MNIST in minutes, end to end.
 
-  1. Fashion-MNIST (Debian package) -> ImageNet-shaped folder     tools/prepare_fashion_mnist.py
-  2. folder -> WebDataset shards + index (train, val)              tools/make_shards.py
-  3. train the tiny_cpu recipe on 2 CPU ranks via torchrun          python -m mokd_scale.train
+  1. Fashion-MNIST (Debian package) -> ImageNet-shaped folder     mokd-fashion-mnist
+  2. folder -> WebDataset shards + index (train, val)              mokd-shards
+  3. train the tiny_cpu recipe on 2 CPU ranks via torchrun          mokd-train
   4. k-NN of both teachers (logged by the trainer halfway and at the end) vs the same
-     backbones at random init                                      tools/eval_knn.py --random-init
-  5. table on the console + PNG of loss terms and k-NN             tools/plot_metrics.py
+     backbones at random init                                      mokd-eval-knn --random-init
+  5. table on the console + PNG of loss terms and k-NN             mokd-plot
 
 Prepared images and shards are reused when present; the training run starts fresh.
 Outputs: WORK/run (checkpoints, metrics.jsonl, tensorboard), WORK/run/demo.png, WORK/results.json.
@@ -23,12 +23,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / "tools"
-sys.path.insert(0, str(TOOLS))
-
-import plot_metrics  # noqa: E402
-import prepare_fashion_mnist  # noqa: E402
+from mokd_scale.tools import plot_metrics, prepare_fashion_mnist
 
 
 class StageFailed(RuntimeError):
@@ -37,7 +32,7 @@ class StageFailed(RuntimeError):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=REPO / "demo_out", help="folder for data, shards and the run")
+    parser.add_argument("--work", type=Path, default=Path("demo_out"), help="folder for data, shards and the run")
     parser.add_argument("--train-per-class", type=int, default=500, help="Fashion-MNIST train images per class")
     parser.add_argument("--val-per-class", type=int, default=200, help="val images per class")
     parser.add_argument("--image-size", type=int, default=32, help="prepared image size in px (28 = native)")
@@ -50,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))  # DeepSpeed's JIT ops
+    if Path(".cache/torch_extensions").is_dir():  # a checkout's cache of DeepSpeed's JIT ops (see Makefile)
+        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(".cache/torch_extensions").resolve()))
     env.setdefault("MPLBACKEND", "Agg")
     env["OMP_NUM_THREADS"] = "1"  # one thread per rank: the ranks share the machine's cores
     env["PYTHONUNBUFFERED"] = "1"
@@ -60,7 +56,7 @@ def child_env() -> dict[str, str]:
 def run(command: list[str], what: str, env: dict | None = None, capture: bool = False) -> str:
     """Run a stage's command; output streams to the console unless captured."""
     print("  $ " + " ".join(str(c) for c in command), flush=True)
-    result = subprocess.run([str(c) for c in command], cwd=REPO, env=env or child_env(), text=True,
+    result = subprocess.run([str(c) for c in command], env=env or child_env(), text=True,
                             stdout=subprocess.PIPE if capture else None)
     if result.returncode != 0:
         raise StageFailed(f"{what} failed (exit {result.returncode})")
@@ -86,7 +82,7 @@ def make_shards(data_dir: Path, shard_dir: Path, samples: dict[str, int], nproc:
             print(f"  reusing {index}")
             continue
         per_shard = max(1, -(-samples[split] // (4 * nproc)))
-        run([sys.executable, TOOLS / "make_shards.py", "--imagenet-root", data_dir, "--split", split,
+        run([sys.executable, "-m", "mokd_scale.tools.make_shards", "--imagenet-root", data_dir, "--split", split,
              "--out", shard_dir, "--samples-per-shard", per_shard, "--workers", 2], f"make_shards {split}")
     return indexes
 
@@ -112,7 +108,7 @@ def train(args, indexes: dict[str, Path], run_dir: Path) -> None:
 
 
 def final_knn_from_metrics(run_dir: Path) -> dict | None:
-    """The trainer's own k-NN at its last step (same function as tools/eval_knn.py), if logged."""
+    """The trainer's own k-NN at its last step (same function as mokd-eval-knn), if logged."""
     rows = plot_metrics.read_metrics(run_dir / "metrics.jsonl")
     last_step = max((row["step"] for row in rows), default=-1)
     for row in reversed(rows):
@@ -127,7 +123,7 @@ def trained_knn(run_dir: Path) -> dict:
 
 
 def knn(run_dir: Path, random_init: bool) -> dict:
-    command = [sys.executable, TOOLS / "eval_knn.py", "--checkpoint", run_dir / "checkpoints"]
+    command = [sys.executable, "-m", "mokd_scale.tools.eval_knn", "--checkpoint", run_dir / "checkpoints"]
     env = child_env()
     env["OMP_NUM_THREADS"] = "2"  # one process: use both cores
     output = run(command + (["--random-init"] if random_init else []),

@@ -1,7 +1,7 @@
 """Export a trained backbone from a mokd_scale checkpoint as a plain timm state dict.
 
-    python tools/export_backbone.py --checkpoint runs/mokd/checkpoints --network a --out vit.safetensors
-    python tools/export_backbone.py --checkpoint runs/mokd/checkpoints --network b --student --out r152.safetensors
+    mokd-export --checkpoint runs/mokd/checkpoints --network a --out vit.safetensors
+    mokd-export --checkpoint runs/mokd/checkpoints --network b --student --out r152.safetensors
 
 The teacher (the EMA network, the one to evaluate and fine-tune) is exported by default, from
 step_X/mokd_state.pt. --student rebuilds the student's fp32 weights from the DeepSpeed engine

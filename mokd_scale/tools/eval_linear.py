@@ -1,6 +1,6 @@
 """Linear probe: a linear classifier on frozen teacher features, trained on cached features.
 
-    python tools/eval_linear.py --checkpoint runs/mokd/checkpoints [--epochs 30] [--random-init]
+    mokd-eval-linear --checkpoint runs/mokd/checkpoints [--epochs 30] [--random-init]
 
 Features (no augmentation) are extracted once from the train and val shards on all ranks
 and gathered: ViT = class tokens of the last 4 blocks (each after the final norm),
@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_knn import add_checkpoint_arguments, run_on_teachers  # noqa: E402
+from mokd_scale.tools.eval_knn import add_checkpoint_arguments, run_on_teachers
 
 VIT_BLOCKS = 4
 
