@@ -133,6 +133,24 @@ def load_state(tag_dir: Path) -> dict:
     return torch.load(tag_dir / STATE_FILE, map_location="cpu", weights_only=False)
 
 
+def open_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, dict]:
+    """For tools that read a run (evaluation, export): OUTPUT, OUTPUT/checkpoints or a tag folder,
+    and a tag (step_XXXXXXXX or a step number; default: latest) -> (tag folder, MOKD state)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"checkpoint folder {root} does not exist: pass OUTPUT/checkpoints of a run")
+    if tag is None and (root / STATE_FILE).is_file():
+        return root, load_state(root)
+    if not (root / LATEST).exists() and (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    tag = tag_for(int(tag)) if tag and tag.isdigit() else tag or read_latest(root)
+    if tag is None or not (root / tag / STATE_FILE).is_file():
+        tags = sorted(p.parent.name for p in root.glob(f"step_*/{STATE_FILE}"))
+        what = f"tag {tag!r} is missing or incomplete" if tag else f"no '{LATEST}' file, so no complete checkpoint"
+        raise FileNotFoundError(f"{root}: {what}; pass --tag with one of {tags}")
+    return root / tag, load_state(root / tag)
+
+
 ENGINE, UNIVERSAL, WEIGHTS_ONLY = "engine", "universal", "weights_only"
 
 
@@ -161,7 +179,14 @@ def restore(tag_dir: Path, learners: dict, state: dict, plans: dict[str, str]) -
 
 
 def consolidated_student(tag_dir: Path, name: str) -> dict:
-    """fp32 student weights rebuilt from any ZeRO stage's shards (DeepSpeed's zero_to_fp32)."""
+    """Student weights from its engine save: ZeRO-1/2/3 shards merged to fp32 (DeepSpeed's zero_to_fp32);
+    ZeRO-0 keeps the whole module in its model-states file."""
+    engine_dir = Path(tag_dir) / name
+    if not any(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        model_file = engine_dir / "mp_rank_00_model_states.pt"
+        if not model_file.is_file():
+            raise FileNotFoundError(f"{engine_dir} holds neither ZeRO shards nor {model_file.name}")
+        return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag=name)
 

@@ -14,12 +14,6 @@ import argparse
 import json
 import sys
 
-import torch
-
-from mokd_scale import dist
-
-from mokd_scale.tools.export import CheckpointError, load_mokd_state, resolve_step_dir
-
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="OUTPUT/checkpoints of a run (or a step_X folder)")
@@ -53,13 +47,15 @@ def config_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def load_teachers(args: argparse.Namespace, device: torch.device):
+def load_teachers(args: argparse.Namespace, device):
     """-> (config, {name: teacher MokdNetwork on device, eval mode}, run info for the JSON)."""
+    import torch
+
+    from mokd_scale.checkpoint import open_checkpoint
     from mokd_scale.config import apply_override, from_dict, validate
     from mokd_scale.models import build_network, pair_search_dim
 
-    step_dir = resolve_step_dir(args.checkpoint, args.tag)
-    state = load_mokd_state(step_dir)
+    step_dir, state = open_checkpoint(args.checkpoint, args.tag)
     raw = state["config"]
     for item in config_overrides(args):
         apply_override(raw, item)
@@ -68,7 +64,7 @@ def load_teachers(args: argparse.Namespace, device: torch.device):
     names = [n.strip() for n in args.networks.split(",") if n.strip()]
     unknown = [n for n in names if n not in state["teachers"]]
     if unknown:
-        raise CheckpointError(f"unknown network(s) {unknown}: this checkpoint holds {sorted(state['teachers'])}")
+        raise ValueError(f"unknown network(s) {unknown}: this checkpoint holds {sorted(state['teachers'])}")
     torch.manual_seed(config.seed if args.seed is None else args.seed)
     networks = {}
     for name in names:
@@ -83,11 +79,13 @@ def load_teachers(args: argparse.Namespace, device: torch.device):
 def run_on_teachers(tool: str, args: argparse.Namespace, evaluate) -> int:
     """The eval tools' shared main: load the teachers on every rank, call
     evaluate(config, networks, info) (a collective), print its JSON once."""
+    from mokd_scale import dist
+
     info = dist.init_distributed()
     try:
         config, networks, run = load_teachers(args, info.device)
         result = evaluate(config, networks, info)
-    except (CheckpointError, ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"{tool}: error: {error}", file=sys.stderr)
         return 2
     finally:
@@ -98,13 +96,15 @@ def run_on_teachers(tool: str, args: argparse.Namespace, evaluate) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mokd_scale.knn import evaluate_knn
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     args = parser.parse_args(argv)
-    return run_on_teachers("eval_knn", args, lambda config, networks, info: evaluate_knn(
-        networks, config, info.rank, info.world_size, info.device))
+
+    def evaluate(config, networks, info):
+        from mokd_scale.knn import evaluate_knn
+        return evaluate_knn(networks, config, info.rank, info.world_size, info.device)
+
+    return run_on_teachers("mokd-eval-knn", args, evaluate)
 
 
 if __name__ == "__main__":
