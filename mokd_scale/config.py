@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The repository's top-level ds_configs/: a link in a checkout, a copy inside an installed wheel.
+DEEPSPEED_DIR = Path(__file__).parent / "ds_configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -144,6 +146,21 @@ def recipe_path(name_or_path: str) -> Path:
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown recipe {name_or_path!r}: use one of {names} or a path to a .yaml file")
     return packaged
+
+
+def deepspeed_json_path(name: str) -> Path:
+    """networks.X.deepspeed -> the JSON file: the path as given (absolute, or relative to the working
+    directory) if it exists, else the packaged file of that name, so `ds_configs/zero2_bf16.json`
+    works from any directory and from an installed wheel."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = DEEPSPEED_DIR / path.name
+    if not path.is_absolute() and path.parent in (Path("."), Path("ds_configs")) and packaged.is_file():
+        return packaged
+    names = sorted(f"ds_configs/{p.name}" for p in DEEPSPEED_DIR.glob("*.json"))
+    raise ConfigError(f"DeepSpeed config {name!r} not found (networks.X.deepspeed): give a path to a JSON "
+                      f"file or one of the packaged {names}")
 
 
 def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
