@@ -89,6 +89,14 @@ def test_brace_pattern_and_index_json_resolve_to_the_same_shards(tmp_path):
     assert from_pattern.nsamples is None and from_index.nsamples == [2, 2, 2]
 
 
+def test_patterns_join_with_double_colon_and_take_wds_variables(tmp_path, monkeypatch):
+    pattern, _, _ = write_photo_shards(tmp_path / "shards", num_shards=3, per_shard=1)
+    first, rest = str(tmp_path / "shards" / "photos-000000.tar"), pattern.replace("{000000..", "{000001..")
+    assert resolve_shards(f"{first}::{rest}").urls == resolve_shards(pattern).urls
+    monkeypatch.setenv("WDS_SHARDS", str(tmp_path / "shards"))
+    assert resolve_shards("${SHARDS}/photos-{000000..000002}.tar").urls == resolve_shards(pattern).urls
+
+
 def test_index_json_urls_are_relative_to_the_json_folder(tmp_path, monkeypatch):
     _, index, _ = write_photo_shards(tmp_path / "a" / "shards", num_shards=1, per_shard=1)
     monkeypatch.chdir(tmp_path)  # a relative url must not depend on the working directory
