@@ -148,6 +148,13 @@ def recipe_path(name_or_path: str) -> Path:
     return packaged
 
 
+def add_set_argument(parser, what: str = "recipe fields") -> None:
+    """`--set KEY=VALUE ...`, spelled and parsed the same in every command that reads a recipe
+    (several pairs after one --set, and --set may repeat)."""
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set train.steps=100 networks.a.lr=3e-4")
+
+
 def deepspeed_json_path(name: str) -> Path:
     """networks.X.deepspeed -> the JSON file: the path as given (absolute, or relative to the working
     directory) if it exists, else the packaged file of that name, so `ds_configs/zero2_bf16.json`

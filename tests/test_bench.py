@@ -88,6 +88,13 @@ def test_projection_formulas_shard_what_each_stage_shards():
     assert projected_gib(psi, psi, "sgd", 0, 8)["optimizer_fp32"] == 8
 
 
+def test_data_bench_writes_its_json_with_out_like_the_others(tmp_path):
+    report = run_bench(tmp_path, "data", "--images", "4", "--seconds", "0.1", "--rounds", "1", "--locals", "2")
+    assert report["images"] == 4 and report["local_crops"] == 2
+    assert report["ours_images_per_s"] > 0 and report["reference_images_per_s"] > 0
+    assert report["speedup"] == round(report["ours_images_per_s"] / report["reference_images_per_s"], 2)
+
+
 def test_unknown_command_is_a_usage_error():
     done = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), "speed"], capture_output=True, text=True)  # the wrapper
     assert done.returncode == 2 and "step, memory, data" in done.stderr

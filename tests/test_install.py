@@ -98,7 +98,7 @@ def test_installed_package_trains_two_steps_from_an_empty_folder(venv, tmp_path)
     work = tmp_path / "empty"
     work.mkdir()
     done = subprocess.run([str(venv / "bin" / "mokd-train"), "--config", "tiny_cpu", "--resume", "none", "--set",
-                           "train.steps=2", "data.source=synthetic", "data.workers=0", "output_dir=run"],
+                           "train.steps=2", "data.source=synthetic", "data.workers=0", "--out", "run"],
                           capture_output=True, text=True, env=clean_env(), cwd=work, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert (work / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"

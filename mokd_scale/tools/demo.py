@@ -8,7 +8,7 @@
   5. table on the console + PNG of loss terms and k-NN             mokd-plot
 
 Prepared images and shards are reused when present; the training run starts fresh.
-Outputs: WORK/run (checkpoints, metrics.jsonl, tensorboard), WORK/run/demo.png, WORK/results.json.
+Outputs: OUT/run (checkpoints, metrics.jsonl, tensorboard), OUT/run/demo.png, OUT/results.json.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from mokd_scale.config import add_set_argument
 from mokd_scale.tools import plot_metrics, prepare_fashion_mnist
 
 
@@ -32,14 +33,13 @@ class StageFailed(RuntimeError):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("demo_out"), help="folder for data, shards and the run")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, shards, the run and results")
     parser.add_argument("--train-per-class", type=int, default=500, help="Fashion-MNIST train images per class")
     parser.add_argument("--val-per-class", type=int, default=200, help="val images per class")
     parser.add_argument("--image-size", type=int, default=32, help="prepared image size in px (28 = native)")
     parser.add_argument("--nproc", type=int, default=2, help="training ranks (CPU processes)")
     parser.add_argument("--config", default="tiny_cpu", help="recipe to train")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="extra recipe overrides, e.g. train.steps=200")
+    add_set_argument(parser, "fields of the recipe trained")
     return parser.parse_args(argv)
 
 
@@ -143,7 +143,7 @@ def table(trained: dict, baseline: dict, config: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    work = args.work.resolve()
+    work = args.out.resolve()
     data_dir, shard_dir, run_dir = work / "fashion_mnist", work / "shards", work / "run"
     timings: dict[str, float] = {}
 

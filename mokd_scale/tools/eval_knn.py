@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from mokd_scale.config import add_set_argument
 
 
 def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +31,8 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="eval batch per rank (default: eval.batch_size)")
     parser.add_argument("--max-train-samples", type=int, default=None, help="cap of the train set (0: all)")
     parser.add_argument("--max-val-samples", type=int, default=None, help="cap of the val set (0: all)")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override other fields of the checkpoint's config, e.g. data.workers=2")
+    add_set_argument(parser, "fields of the checkpoint's config (e.g. data.workers=2)")
+    parser.add_argument("--out", default=None, help="also write the JSON result to this file")
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
@@ -91,7 +94,11 @@ def run_on_teachers(tool: str, args: argparse.Namespace, evaluate) -> int:
     finally:
         dist.destroy()
     if info.is_main:
-        print(json.dumps({**result, **run}), flush=True)
+        text = json.dumps({**result, **run})
+        print(text, flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
     return 0
 
 

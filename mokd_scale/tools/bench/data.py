@@ -6,16 +6,14 @@ the per-DataLoader-worker speed-up. The reference is DINO's DataAugmentationDINO
 decode, then torchvision RandomResizedCrop / flip / ColorJitter / grayscale / PIL Gaussian blur /
 solarize, ToTensor and Normalize per crop.
 
-    mokd-bench data [--images 64] [--seconds 8] [--locals 8] [--loader-workers N] [--json out.json]
+    mokd-bench data [--images 64] [--seconds 8] [--locals 8] [--loader-workers N] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
-import sys
 import tarfile
 import tempfile
 import time
@@ -154,7 +152,7 @@ def run_data_bench(argv=None) -> dict:
     parser.add_argument("--locals", type=int, default=8, help="local crops per image")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="also time the whole shard loader with this many workers (0: skip)")
-    parser.add_argument("--json", default="", help="also write the result here")
+    parser.add_argument("--out", default="", help="write the JSON result here instead of stdout")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     jpegs = make_bench_jpegs(args.images)
@@ -184,12 +182,11 @@ def run_data_bench(argv=None) -> dict:
     if args.loader_workers:
         rate = _loader_images_per_s(jpegs, args.loader_workers, args.seconds, args.locals)
         result[f"loader_{args.loader_workers}_workers_images_per_s"] = round(rate, 1)
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
-if __name__ == "__main__":
-    run_data_bench(sys.argv[1:])
+def data_table(report: dict) -> str:
+    line = (f"multi-crop images/s per worker (1 thread, {report['local_crops']} locals): torchvision reference "
+            f"{report['reference_images_per_s']}, ours {report['ours_images_per_s']} ({report['speedup']}x)")
+    loader = [f"{k}: {v}" for k, v in report.items() if k.startswith("loader_")]
+    return "\n".join([line, *loader])

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "data":
         from mokd_scale.tools.bench import data
-        data.run_data_bench(rest)  # prints its own JSON (and writes --json FILE)
+        report = data.run_data_bench(rest)
+        emit(report, data.data_table(report), out_path(rest))
         return 0
     if command == "step":
         from mokd_scale.tools.bench import step

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from mokd_scale import dist
-from mokd_scale.config import Config, load_config, validate_world_size
+from mokd_scale.config import Config, add_set_argument, load_config, validate_world_size
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
@@ -53,9 +53,8 @@ BENCH_DEFAULTS = ["data.source=synthetic", "data.workers=0"]
 
 def add_recipe_args(parser: argparse.ArgumentParser, default_config: str = "tiny_cpu") -> None:
     parser.add_argument("--config", default=default_config, help="recipe name (mokd_scale/configs/) or YAML path")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="recipe overrides, applied after the bench defaults (data.source=synthetic, "
-                             "data.workers=0) and after --zero")
+    add_set_argument(parser, "recipe fields (after the bench defaults data.source=synthetic, data.workers=0 "
+                             "and after --zero)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="ranks to spawn on this machine (gloo on CPU, nccl on GPUs); ignored under "
                              "torchrun/srun, where every launched process is a rank")
