@@ -339,10 +339,14 @@ def validate_world_size(config: Config, world_size: int) -> None:
 
 
 def gradient_accumulation_steps(config: Config, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step: the one place the global batch is split (DeepSpeed's
+    gradient_accumulation_steps, the loader's and the synthetic source's batch layout all use it)."""
+    validate_world_size(config, world_size)
     return config.train.global_batch_size // (world_size * config.train.micro_batch_size)
 
 
 def steps_per_epoch(config: Config) -> int:
+    """Optimizer steps per "epoch" of data.samples_per_epoch images (schedules and loader re-seeding)."""
     return max(1, config.data.samples_per_epoch // config.train.global_batch_size)
 
 

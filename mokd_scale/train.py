@@ -147,8 +147,7 @@ class Trainer:
     def loop(self, start: int, end: int) -> int:
         from mokd_scale.data import build_train_loader
         train = self.config.train
-        loader = build_train_loader(self.config.data, train.micro_batch_size, train.global_batch_size,
-                                    self.info.rank, self.info.world_size, self.config.seed, start)
+        loader = build_train_loader(self.config, self.info.rank, self.info.world_size, start)
         batches, accumulation = iter(loader), loader.micro_batches_per_step
         meter = StepAccumulator(self.config.mokd.out_dim, self.info.device)
         inject_nan_at = int(os.environ.get("MOKD_TEST_NAN_AT_STEP", "-1"))  # fault injection for tests

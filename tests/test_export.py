@@ -60,7 +60,7 @@ def test_exported_teacher_loads_in_one_timm_line_and_gives_training_features(tmp
                                        networks[network].backbone(images[:, :, :16, :16]).pooled)
     assert model.num_classes == 0
     data = timm.data.resolve_data_config({}, model=model)
-    assert data["input_size"] == (3, cfg.data.eval_crop, cfg.data.eval_crop)
+    assert tuple(data["input_size"]) == (3, cfg.data.eval_crop, cfg.data.eval_crop)
     assert tuple(data["mean"]) == cfg.data.mean and tuple(data["std"]) == cfg.data.std
     assert data["crop_pct"] == cfg.data.eval_crop / cfg.data.eval_resize
     saved = json.loads((out / "config.json").read_text())

@@ -131,10 +131,12 @@ def _loader_images_per_s(jpegs: list[bytes], workers: int, seconds: float, num_l
     DataLoader workers (wall time: this one needs the machine to itself)."""
     from mokd_scale.data import build_train_loader
     with tempfile.TemporaryDirectory() as folder:
-        cfg = types.SimpleNamespace(**vars(_dino_data_cfg(num_locals)), source="shards",
-                                    train_shards=_write_bench_shards(jpegs, folder), workers=workers,
-                                    shuffle_buffer=64, samples_per_epoch=1281167)
-        batches = iter(build_train_loader(cfg, 32, 32, rank=0, world_size=1, seed=0))
+        data = types.SimpleNamespace(**vars(_dino_data_cfg(num_locals)), source="shards",
+                                     train_shards=_write_bench_shards(jpegs, folder), workers=workers,
+                                     shuffle_buffer=64, samples_per_epoch=1281167)
+        recipe = types.SimpleNamespace(data=data, seed=0, train=types.SimpleNamespace(micro_batch_size=32,
+                                                                                      global_batch_size=32))
+        batches = iter(build_train_loader(recipe, rank=0, world_size=1))
         next(batches)  # worker start-up
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:

@@ -210,9 +210,7 @@ def device_name(device: torch.device) -> str:
 def bench_micro_batches(config: Config, info: dist.DistInfo, count: int) -> list[dict]:
     """`count` distinct micro-batches of this rank, built before timing and reused cyclically."""
     from mokd_scale.data import build_train_loader
-    train = config.train
-    loader = iter(build_train_loader(config.data, train.micro_batch_size, train.global_batch_size,
-                                     info.rank, info.world_size, config.seed, 0))
+    loader = iter(build_train_loader(config, info.rank, info.world_size))
     return [next(loader) for _ in range(count)]
 
 
