@@ -54,11 +54,12 @@ def load_teachers(args: argparse.Namespace, device):
     """-> (config, {name: teacher MokdNetwork on device, eval mode}, run info for the JSON)."""
     import torch
 
-    from mokd_scale.checkpoint import open_checkpoint
+    from mokd_scale.checkpoint import find_tag, read_state
     from mokd_scale.config import apply_override, from_dict, validate
     from mokd_scale.models import build_network, pair_search_dim
 
-    step_dir, state = open_checkpoint(args.checkpoint, args.tag)
+    step_dir = find_tag(args.checkpoint, args.tag)
+    state = read_state(step_dir)
     raw = state["config"]
     for item in config_overrides(args):
         apply_override(raw, item)

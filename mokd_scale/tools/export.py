@@ -76,12 +76,12 @@ def export(checkpoint_path: str | Path, network: str, out: str | Path, tag: str 
 
     out = Path(out)
     check_out(out)
-    tag_dir, state = checkpoint.open_checkpoint(checkpoint_path, tag)
-    if network not in state.get("teachers", {}):
-        raise ExportError(f"unknown network {network!r}: this checkpoint holds {sorted(state.get('teachers', {}))}")
+    tag_dir = checkpoint.find_tag(checkpoint_path, tag)
+    state = checkpoint.read_state(tag_dir)
+    teacher = checkpoint.teacher_weights(tag_dir, network, state)  # also checks the network name
     config = state["config"]
     net_cfg = config["networks"][network]
-    source = checkpoint.consolidated_student(tag_dir, network) if student else state["teachers"][network]
+    source = checkpoint.student_weights(tag_dir, network) if student else teacher
     model = create_timm_model(net_cfg["arch"], net_cfg.get("arch_kwargs") or {}, drop_path_rate=0.0).eval()
     # Strict: every timm parameter and buffer comes from the checkpoint (a bf16 save becomes fp32).
     model.load_state_dict(backbone_state_dict(source), strict=True)
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = export(args.checkpoint, args.network, args.out, args.tag, args.student)
-    except (ExportError, FileNotFoundError) as error:
+    except ValueError as error:  # ExportError, CheckpointError: bad input, said in the message
         print(f"mokd-export: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote the {summary['weights']} backbone of network {args.network} ({summary['arch']}, step "
