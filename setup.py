@@ -5,8 +5,8 @@ environment that `make` installs and the tests ran with.
 """
 from setuptools import find_packages, setup
 
-# Lower bounds: the oldest release that has every API the package calls (see docs/design.md,
-# "Dependencies"); upper bounds: the next major release, whose breaking changes are unknown.
+# Lower bounds: the oldest release with every API the package calls; docs/design.md (section 5) says
+# which were tested and why each sits where it does. Upper bounds: the next major release.
 RUNTIME = [
     "torch>=2.4,<3",
     "torchvision>=0.19,<1",

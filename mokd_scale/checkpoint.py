@@ -1,4 +1,4 @@
-"""Save / resume / prune. A checkpoint is whole or absent (DESIGN.md invariant 6).
+"""Save / resume / prune. A checkpoint is whole or absent (docs/design.md, invariant 6).
 
 Layout of OUTPUT/checkpoints/:
     latest                      the newest complete tag; written last, by atomic rename

@@ -1,4 +1,4 @@
-"""The MOKD step over two Learners (DESIGN.md section 2, invariant 5).
+"""The MOKD step over two Learners (docs/design.md: the step, invariant 5).
 
 Per micro-batch: both teachers forward on the global crops (no grad) → A's student forward,
 A's four losses, A's backward → the same for B. Only one student's activations are alive

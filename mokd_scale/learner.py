@@ -1,7 +1,7 @@
 """One MOKD network: its student inside a DeepSpeed engine, its fp32 EMA teacher, its centres.
 
 The teacher lives outside the engine on purpose: DeepSpeed would cast it to bf16, and a
-bf16 EMA loses the (1 - m)·Δ increment when m is close to 1 (DESIGN.md invariant 4).
+bf16 EMA loses the (1 - m)·Δ increment when m is close to 1 (docs/design.md, invariant 4).
 """
 from __future__ import annotations
 
