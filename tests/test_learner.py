@@ -31,7 +31,7 @@ def bf16_teacher_steps(rank, world_size):
     device = torch.device("cpu")
     learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
     coordinator = Coordinator(config, learners, Schedules.build(config), device)
-    batches = iter(build_train_loader(config.data, 4, 4, 0, 1, 0, 0))
+    batches = iter(build_train_loader(config, 0, 1))
     teacher = learners["a"].teacher
     rounded = {k: v.detach().bfloat16() for k, v in teacher.named_parameters()}
     changed_every_step, differs_from_rounded, losses = [], [], []
