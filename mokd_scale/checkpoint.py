@@ -1,4 +1,4 @@
-"""Save / resume / prune. A checkpoint is whole or absent (DESIGN.md invariant 6).
+"""Save / resume / prune. A checkpoint is whole or absent (docs/design.md, invariant 6).
 
 Layout of OUTPUT/checkpoints/:
     latest                      the newest complete tag; written last, by atomic rename
@@ -165,7 +165,6 @@ def consolidated_student(tag_dir: Path, name: str) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag=name)
 
-
 def universal_dir_name(name: str) -> str:
     return f"{name}_universal"
 
@@ -183,3 +182,64 @@ def convert_to_universal(tag_dir: Path, name: str) -> None:
                                f"{' '.join(command)}\n{result.stderr[-2000:]}")
         (target / ".complete").touch()
     dist.barrier()
+
+
+# ------------------------------------------------------------------ readers for tools (eval, export)
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
+
+
+def tags_in(checkpoint_dir: Path) -> list[str]:
+    """Tag folder names, oldest first (the zero-padded step sorts as text)."""
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    return sorted(p.name for p in Path(checkpoint_dir).iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+
+def find_tag(path: str | Path, tag: str | None = None) -> Path:
+    """A run folder, its checkpoints folder or a tag folder, and optionally a tag (step_XXXXXXXX or a
+    step number; default: `latest`) -> the tag folder."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"checkpoint folder {root} does not exist: pass OUTPUT/checkpoints of a run")
+    if tag is None and (root / STATE_FILE).is_file():
+        return root
+    if read_latest(root) is None and (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if tag is None:
+        tag = read_latest(root)
+        if tag is None:
+            raise CheckpointError(f"{root} has no '{LATEST}' file, so no checkpoint was completed there; "
+                                  f"pass a tag, one of {tags_in(root)}")
+    if tag.isdigit():
+        tag = tag_for(int(tag))
+    if not (root / tag / STATE_FILE).is_file():
+        raise CheckpointError(f"checkpoint {root / tag} not found or incomplete; available tags: {tags_in(root)}")
+    return root / tag
+
+
+def read_state(tag_dir: Path) -> dict:
+    """The MOKD state (step, world size, resolved config, teachers, centres) of a tag."""
+    return load_state(tag_dir)
+
+
+def teacher_weights(tag_dir: Path, network: str, state: dict | None = None) -> dict[str, torch.Tensor]:
+    """The fp32 EMA teacher of `network` (the full MokdNetwork state dict)."""
+    teachers = (state or read_state(tag_dir)).get("teachers", {})
+    if network not in teachers:
+        raise CheckpointError(f"unknown network {network!r}: {tag_dir} holds {sorted(teachers)}")
+    return teachers[network]
+
+
+def student_weights(tag_dir: Path, network: str) -> dict[str, torch.Tensor]:
+    """fp32 student weights from the network's DeepSpeed save, any ZeRO stage (shards are merged)."""
+    engine_dir = Path(tag_dir) / network
+    if not engine_dir.is_dir():
+        raise CheckpointError(f"{engine_dir} not found: no DeepSpeed save of network {network!r} in {tag_dir}")
+    if list(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        return consolidated_student(tag_dir, network)
+    model_file = engine_dir / "mp_rank_00_model_states.pt"
+    if not model_file.exists():
+        raise CheckpointError(f"{engine_dir} holds neither ZeRO shards nor mp_rank_00_model_states.pt")
+    # ZeRO stage 0: the whole module is in DeepSpeed's model-states file (a pickle: trusted files only).
+    return torch.load(model_file, map_location="cpu", weights_only=False)["module"]

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The repository's top-level ds_configs/: a link in a checkout, a copy inside an installed wheel.
+DEEPSPEED_DIR = Path(__file__).parent / "ds_configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -153,6 +155,28 @@ def recipe_path(name_or_path: str) -> Path:
     return packaged
 
 
+def add_set_argument(parser, what: str = "recipe fields") -> None:
+    """`--set KEY=VALUE ...`, spelled and parsed the same in every command that reads a recipe
+    (several pairs after one --set, and --set may repeat)."""
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set train.steps=100 networks.a.lr=3e-4")
+
+
+def deepspeed_json_path(name: str) -> Path:
+    """networks.X.deepspeed -> the JSON file: the path as given (absolute, or relative to the working
+    directory) if it exists, else the packaged file of that name, so `ds_configs/zero2_bf16.json`
+    works from any directory and from an installed wheel."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = DEEPSPEED_DIR / path.name
+    if not path.is_absolute() and path.parent in (Path("."), Path("ds_configs")) and packaged.is_file():
+        return packaged
+    names = sorted(f"ds_configs/{p.name}" for p in DEEPSPEED_DIR.glob("*.json"))
+    raise ConfigError(f"DeepSpeed config {name!r} not found (networks.X.deepspeed): give a path to a JSON "
+                      f"file or one of the packaged {names}")
+
+
 def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
     """Recipe + overrides → validated, frozen Config. Raises ConfigError naming the bad key."""
     raw = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
@@ -279,7 +303,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if data.source not in ("shards", "synthetic"):
         raise ConfigError(f"data.source must be 'shards' or 'synthetic', got {data.source!r}")
     if data.source == "shards" and not data.train_shards:
-        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from tools/make_shards.py "
+        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from mokd-shards "
                           "(or use data.source=synthetic)")
     if data.local_crop_size >= data.global_crop_size:
         raise ConfigError(f"data.local_crop_size ({data.local_crop_size}) must be smaller than "
@@ -295,7 +319,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
                           f"train.global_batch_size ({train.global_batch_size})")
     if train.knn_every and not data.val_shards:
         raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
-                          "data.train_shards) pointing at shards from tools/make_shards.py")
+                          "data.train_shards) pointing at shards from mokd-shards")
     if config.mokd.mode not in ("mokd", "independent"):
         raise ConfigError(f"mokd.mode must be mokd or independent, got {config.mokd.mode!r}")
     for key in ("a", "b"):
@@ -329,10 +353,14 @@ def validate_world_size(config: Config, world_size: int) -> None:
 
 
 def gradient_accumulation_steps(config: Config, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step: the one place the global batch is split (DeepSpeed's
+    gradient_accumulation_steps, the loader's and the synthetic source's batch layout all use it)."""
+    validate_world_size(config, world_size)
     return config.train.global_batch_size // (world_size * config.train.micro_batch_size)
 
 
 def steps_per_epoch(config: Config) -> int:
+    """Optimizer steps per "epoch" of data.samples_per_epoch images (schedules and loader re-seeding)."""
     return max(1, config.data.samples_per_epoch // config.train.global_batch_size)
 
 

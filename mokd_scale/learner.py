@@ -6,13 +6,12 @@ bf16 EMA loses the (1 - m)·Δ increment when m is close to 1 (docs/design.md, i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 
-from mokd_scale.config import Config, NetworkConfig, gradient_accumulation_steps
+from mokd_scale.config import Config, NetworkConfig, deepspeed_json_path, gradient_accumulation_steps
 from mokd_scale.lars import LARS
 from mokd_scale.ema import TeacherEMA
 from mokd_scale.gradients import GradientGate
@@ -22,7 +21,6 @@ from mokd_scale.models.compile import compile_regions
 
 LAST_LAYER = "last_layer"
 BACKBONE_AND_HEADS = "regular"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -98,11 +96,7 @@ def deepspeed_config(net: NetworkConfig, config: Config, world_size: int, dtype:
 
 
 def read_deepspeed_json(net: NetworkConfig) -> dict:
-    path = Path(net.deepspeed)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {net.deepspeed!r} not found (networks.X.deepspeed; see ds_configs/)")
+    path = deepspeed_json_path(net.deepspeed)
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 

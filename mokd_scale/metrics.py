@@ -2,6 +2,9 @@
 
 Per-step sums are reduced across ranks only at log steps (one all-reduce), so the logged
 losses are global-batch means whatever the number of ranks.
+
+metrics.jsonl keeps flat keys (`a.loss`, `knn.b.top1`, `lr.a`, `images_per_s`); TensorBoard groups the
+same values by kind (tensorboard_tag): train/a/loss, knn/b/top1, sched/lr_a, perf/images_per_s.
 """
 from __future__ import annotations
 
@@ -17,6 +20,24 @@ from mokd_scale import dist
 from mokd_scale.coordinator import StepStats
 
 NETWORKS = ("a", "b")
+SCHEDULED = ("lr", "wd", "teacher_momentum", "teacher_temperature")
+PERFORMANCE = ("images_per_s", "seconds_per_step", "peak_memory_gib")
+
+
+def tensorboard_tag(key: str) -> str:
+    """metrics.jsonl key -> grouped TensorBoard tag (README, "Metrics", has the table)."""
+    parts = key.split(".")
+    if parts[0] in NETWORKS:
+        return "/".join(["train", *parts])  # a.self_proj -> train/a/self_proj
+    if parts[0] == "knn":
+        return "/".join(parts)  # knn.a.top1 -> knn/a/top1
+    if parts[0] in SCHEDULED:
+        return "sched/" + "_".join(parts)  # lr.a -> sched/lr_a
+    if key in PERFORMANCE:
+        return f"perf/{key}"
+    if key == "skipped_samples":
+        return f"data/{key}"
+    return "/".join(parts)
 
 
 class StepAccumulator:
@@ -101,7 +122,7 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tensorboard.add_scalar(key.replace(".", "/"), value, step)
+                self.tensorboard.add_scalar(tensorboard_tag(key), value, step)
         self.tensorboard.flush()
 
     def close(self) -> None:

@@ -43,14 +43,22 @@ def test_accumulator_means_and_collapse_diagnostics():
     assert collapsed["a.teacher_kl_uniform"] == pytest.approx(math.log(k))  # all mass on one prototype
 
 
-def test_writer_appends_json_lines_and_tensorboard(tmp_path):
+def test_writer_appends_json_lines_and_grouped_tensorboard_tags(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     writer = MetricsWriter(tmp_path, enabled=True)
-    writer.write(1, {"a.loss": 1.5, "images_per_s": 10.0})
-    writer.write(2, {"a.loss": 1.25, "images_per_s": 11.0})
+    writer.write(1, {"a.loss": 1.5, "b.self_proj": 0.5, "images_per_s": 10.0, "lr.a": 1e-3, "teacher_momentum": 0.99,
+                     "skipped_samples": 0})
+    writer.write(2, {"a.loss": 1.25, "images_per_s": 11.0, "knn.b.top1": 42.0})
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [{"step": 1, "a.loss": 1.5, "images_per_s": 10.0}, {"step": 2, "a.loss": 1.25, "images_per_s": 11.0}]
-    assert any((tmp_path / "tensorboard").iterdir())
+    assert rows[1] == {"step": 2, "a.loss": 1.25, "images_per_s": 11.0, "knn.b.top1": 42.0}
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["data/skipped_samples", "knn/b/top1", "perf/images_per_s",
+                                                "sched/lr_a", "sched/teacher_momentum", "train/a/loss",
+                                                "train/b/self_proj"]
+    assert [(e.step, e.value) for e in events.Scalars("train/a/loss")] == [(1, 1.5), (2, 1.25)]
     assert not MetricsWriter(tmp_path / "off", enabled=False).enabled and not (tmp_path / "off").exists()
 
 

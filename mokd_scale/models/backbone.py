@@ -30,13 +30,20 @@ def is_vit_arch(arch: str) -> bool:
     return model_entrypoint(arch).__module__ in VIT_MODULES
 
 
-def create_timm_model(arch: str, arch_kwargs: dict, drop_path_rate: float) -> nn.Module:
-    """Randomly initialised timm model without classifier; never downloads weights."""
+def timm_kwargs(arch: str, arch_kwargs: dict) -> dict:
+    """create_model's arguments for this backbone besides num_classes=0 and drop_path_rate
+    (also what an exported backbone records, so that timm rebuilds the same model)."""
     kwargs = dict(arch_kwargs)
     if is_vit_arch(arch):
         # Local crops (96 px) are smaller than the model's default size: interpolate pos-embeds.
         kwargs.setdefault("dynamic_img_size", True)
-    return timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate, **kwargs)
+    return kwargs
+
+
+def create_timm_model(arch: str, arch_kwargs: dict, drop_path_rate: float) -> nn.Module:
+    """Randomly initialised timm model without classifier; never downloads weights."""
+    return timm.create_model(arch, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                             **timm_kwargs(arch, arch_kwargs))
 
 
 def token_grid(arch: str, arch_kwargs: dict, image_size: int) -> tuple[int, int]:

@@ -50,16 +50,14 @@ def format_table(counts: dict[str, dict[str, int]], search_dim: int, out_dim: in
 
 
 def main(argv=None) -> None:
-    from mokd_scale.config import load_config
+    from mokd_scale.config import add_set_argument, load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="recipe name (e.g. vitl16_r152) or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable")
+    add_set_argument(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    search_dim = pair_search_dim(cfg) if cfg.mokd.mode == "mokd" else 0
-    print(format_table(recipe_counts(cfg), search_dim, cfg.mokd.out_dim))
+    cfg = load_config(args.config, args.set)
+    print(format_table(recipe_counts(cfg), pair_search_dim(cfg), cfg.mokd.out_dim))
 
 
 if __name__ == "__main__":
