@@ -6,6 +6,9 @@
     mokd-bench memory [--stages 0,1,2,3] [--nproc 2] ...
         measured optimizer-state bytes and peak memory per rank per ZeRO stage (tiny recipe), and
         the flagship's projected model-state memory per GPU on 4 nodes x 8 GPUs.
+    mokd-bench ops    [--config vitl16_r152] [--zero 0,2] [--width tiny|recipe] ...
+        operators dispatched per optimizer step, by phase: kernel-launching, views/metadata,
+        collectives (the host overhead of the step, measured on any machine), ours against the DDP loop.
     mokd-bench data   [...]
         data-pipeline images/s per worker (bench/data.py).
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import sys
 
-COMMANDS = ("step", "memory", "data")
+COMMANDS = ("step", "memory", "ops", "data")
 
 
 def out_path(argv: list[str]) -> str:
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         from mokd_scale.tools.bench import step
         report = step.run_step_bench(rest)
         emit(report, step.step_table(report), out_path(rest))
+        return 0
+    if command == "ops":
+        from mokd_scale.tools.bench import ops
+        report = ops.run_ops_bench(rest)
+        emit(report, ops.ops_table(report), out_path(rest))
         return 0
     from mokd_scale.tools.bench import memory
     report = memory.run_memory_bench(rest)

@@ -42,6 +42,7 @@ from torch import nn
 
 from mokd_scale import dist
 from mokd_scale.config import Config, add_set_argument, load_config, validate_world_size
+from mokd_scale.profiling import phase
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
@@ -303,8 +304,9 @@ class OurStep:
     def zero_stages(self) -> dict[str, int]:
         return {name: learner.zero_stage for name, learner in self.learners.items()}
 
-    def step(self, step: int, micro_batches: list[dict]) -> None:
-        self.coordinator.train_step(step, micro_batches)
+    def step(self, step: int, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns each network's loss terms and total, as DdpStep.step."""
+        return self.coordinator.train_step(step, micro_batches).terms
 
 
 class MultiCropStudent(nn.Module):
@@ -322,27 +324,36 @@ class MultiCropStudent(nn.Module):
 
 
 class DdpStep:
-    """The authors' engine and ordering around our math: torch DDP students, both forwards, then
-    one backward of L_A + L_B, torch.nn.utils.clip_grad_norm_, torch optimizers, fp32 EMA teachers."""
+    """The authors' engine and ordering around our math: torch DDP students, both teachers' and both
+    students' forwards, then one backward of L_A + L_B, torch optimizers. Everything else is the
+    project's own code, so that only engine and order differ from OurStep: the loss terms
+    (mokd_terms.teacher_forward / student_losses), clipping and the frozen last layer
+    (GradientGate, or a global norm as DeepSpeed does), the optimizers (learner.build_optimizer),
+    the EMA (TeacherEMA) and the centres."""
 
     name = "ddp"
 
     def __init__(self, config: Config, info: dist.DistInfo):
-        from mokd_scale.learner import build_optimizer, parameter_groups, read_deepspeed_json, resolve_precision
+        from mokd_scale.coordinator import PARTNER
+        from mokd_scale.ema import TeacherEMA
+        from mokd_scale.gradients import GradientGate
+        from mokd_scale.learner import (LAST_LAYER, build_optimizer, make_teacher, parameter_groups,
+                                        resolve_precision)
         from mokd_scale.losses import Centers
-        from mokd_scale.learner import make_teacher
         from mokd_scale.models import build_network, pair_search_dim
+        from mokd_scale.mokd_terms import loss_terms
         from mokd_scale.schedules import Schedules
 
         torch.manual_seed(config.seed)
-        self.config, self.device = config, info.device
+        self.config, self.device, self.partner = config, info.device, PARTNER
         self.schedules = Schedules.build(config)
-        search_dim = pair_search_dim(config)
-        self.students, self.teachers, self.optimizers, self.centers, self.dtypes = {}, {}, {}, {}, {}
-        self.clip = {}
+        self.independent = config.mokd.mode == "independent"
+        self.term_names = (*loss_terms(config.mokd.mode), "loss")
+        search_dim = None if self.independent else pair_search_dim(config)
+        self.students, self.teachers, self.optimizers, self.gates = {}, {}, {}, {}
+        self.centers, self.dtypes, self.emas = {}, {}, {}
         for name in ("a", "b"):
             net_cfg = getattr(config.networks, name)
-            self.clip[name] = net_cfg.clip_grad
             network = build_network(config, name, search_dim=search_dim)
             teacher = make_teacher(config, name, network, search_dim)
             if info.device.type == "cuda" and info.world_size > 1:
@@ -351,45 +362,62 @@ class DdpStep:
             network.to(info.device)
             self.teachers[name] = teacher.to(info.device)
             self.dtypes[name] = resolve_precision(net_cfg.precision, info.device)
-            self.optimizers[name] = build_optimizer(net_cfg, parameter_groups(network))
+            groups = parameter_groups(network, net_cfg.search_head_schedule)
+            self.optimizers[name] = build_optimizer(net_cfg, groups)
+            self.gates[name] = GradientGate(self.optimizers[name], [list(g["params"]) for g in groups],
+                                            net_cfg.clip_grad, net_cfg.clip_mode == "per_tensor", LAST_LAYER)
+            self.emas[name] = TeacherEMA(self.teachers[name], network, zero_stage=0)
             device_ids = [info.device] if info.device.type == "cuda" else None
             self.students[name] = nn.parallel.DistributedDataParallel(
                 MultiCropStudent(network, self.dtypes[name]), device_ids=device_ids)
-            self.centers[name] = Centers(config.mokd.out_dim, config.mokd.center_momentum).to(info.device)
+            self.centers[name] = Centers(config.mokd.out_dim, config.mokd.center_momentum,
+                                         with_search=not self.independent).to(info.device)
 
     def dtype(self) -> torch.dtype:
         return self.dtypes["a"]
 
     def apply_schedule(self, values: dict, frozen: bool) -> None:
+        """As Learner.apply_schedule: the group owner's lr / wd, and the frozen last layer to the gate."""
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
-                last = frozen and group.get("kind") == "last_layer"
-                group["lr"] = 0.0 if last else values[f"lr.{name}"]
-                group["weight_decay"] = values[f"wd.{name}"] if group.get("apply_weight_decay") else 0.0
+                owner = self.partner[name] if group.get("schedule") == "partner" else name
+                group["lr"] = values[f"lr.{owner}"]
+                group["weight_decay"] = values[f"wd.{owner}"] if group.get("apply_weight_decay") else 0.0
+            self.gates[name].begin_step(freeze_last_layer=frozen)
 
-    def step(self, step: int, micro_batches: list[dict]) -> None:
+    def step(self, step: int, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns each network's loss terms and total (term_names order), summed
+        over micro-batches, on the device like Coordinator's StepStats.terms."""
         values = self.schedules.at(step)
         self.apply_schedule(values, self.schedules.last_layer_frozen(step))
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
             last = index == len(micro_batches) - 1
             with contextlib.ExitStack() as stack:
                 if not last:  # gradient accumulation: all-reduce only on the last micro-batch
                     for student in self.students.values():
                         stack.enter_context(student.no_sync())
-                self.micro_step(batch, values, len(micro_batches))
+                for name, terms in self.micro_step(batch, values, len(micro_batches)).items():
+                    sums[name] = terms if name not in sums else sums[name] + terms
         for name, optimizer in self.optimizers.items():
-            if self.clip[name] > 0:  # per tensor, as DINO's and the authors' clip_gradients
-                for param in self.students[name].parameters():
-                    if param.grad is not None:
-                        torch.nn.utils.clip_grad_norm_(param, self.clip[name])
-            optimizer.step()
-        self.update_teachers(values["teacher_momentum"])
-        for centers in self.centers.values():
-            centers.update()
+            net_cfg = getattr(self.config.networks, name)
+            if net_cfg.clip_mode == "global" and net_cfg.clip_grad > 0:  # as the engine does; per tensor: the gate
+                with phase("grad_clip"):
+                    torch.nn.utils.clip_grad_norm_(self.students[name].parameters(), net_cfg.clip_grad)
+            with phase("optimizer"):
+                optimizer.step()  # the gate's pre-hook clips per tensor and refuses non-finite gradients
+            if self.gates[name].non_finite:
+                raise FloatingPointError(f"non-finite gradient in network {name} at step {step}")
+        for name in self.students:
+            with phase("centers"):
+                self.centers[name].update()
+            with phase("ema"):
+                self.emas[name].update(values["teacher_momentum"])
+        return sums
 
-    def micro_step(self, batch: dict, values: dict, accumulation: int) -> None:
+    def micro_step(self, batch: dict, values: dict, accumulation: int) -> dict[str, torch.Tensor]:
         from mokd_scale.data import normalize_crops
         from mokd_scale.mokd_terms import teacher_forward
 
@@ -397,42 +425,34 @@ class DdpStep:
                                 self.config.data.std)
         targets = {}
         for name, teacher in self.teachers.items():
-            teacher.train()
-            targets[name] = teacher_forward(teacher, crops[:2], compute_dtype=self.dtypes[name])
-        outputs = {name: student(crops) for name, student in self.students.items()}
-        total = sum(self.network_loss(name, outputs[name], targets, values[f"teacher_temperature.{name}"])
-                    for name in ("a", "b"))
-        loss = total / accumulation
-        if not math.isfinite(loss.item()):  # the authors' per-rank check
-            raise FloatingPointError(f"non-finite loss {loss.item()}")
-        loss.backward()
-        for name, outputs_of in targets.items():
-            self.centers[name].accumulate(outputs_of.proj, outputs_of.search)
+            teacher.train()  # batch statistics in BatchNorm, like the student sees (as Coordinator)
+            with phase("teacher_forward"):
+                targets[name] = teacher_forward(teacher, crops[:2], compute_dtype=self.dtypes[name])
+        with phase("student_forward"):
+            outputs = {name: student(crops) for name, student in self.students.items()}
+        terms = {name: self.network_terms(name, outputs[name], targets, values) for name in self.students}
+        loss = sum(t.total for t in terms.values()) / accumulation
+        with phase("finite_check"):
+            if not math.isfinite(loss.item()):  # the authors' per-rank check
+                raise FloatingPointError(f"non-finite loss {loss.item()}")
+        with phase("student_backward"):
+            loss.backward()
+        with phase("centers"):
+            for name, outputs_of in targets.items():
+                self.centers[name].accumulate(outputs_of.proj, outputs_of.search)
+        return {name: torch.stack([getattr(t, term).detach().float() for term in self.term_names[:-1]]
+                                  + [t.total.detach().float()]) for name, t in terms.items()}
 
-    def network_loss(self, name: str, student_out, targets: dict, teacher_temperature: float) -> torch.Tensor:
-        """The four terms of network_losses(), computed from a student output already in hand."""
-        from mokd_scale.losses import dino_cross_entropy, paired_cross_entropy
-        from mokd_scale.mokd_terms import cross_search_targets
+    def network_terms(self, name: str, student_out, targets: dict, values: dict):
+        """network_losses() of a student output already in hand (both forwards ran first)."""
+        from mokd_scale.mokd_terms import student_losses
 
-        partner = "b" if name == "a" else "a"
-        own, theirs = targets[name], targets[partner]
-        temps = (teacher_temperature, self.config.mokd.student_temperature)
-        cross_targets = cross_search_targets(self.teachers[partner], theirs, student_out.local_queries,
-                                             self.dtypes[name])
-        self_proj = dino_cross_entropy(student_out.proj, own.proj, *temps, center=self.centers[name].proj)
-        self_search = dino_cross_entropy(student_out.search, own.search, *temps, center=self.centers[name].search)
-        cross_proj = dino_cross_entropy(student_out.proj, theirs.proj, *temps, center=self.centers[partner].proj)
-        cross_search = paired_cross_entropy(student_out.search[len(own.proj):], cross_targets, *temps)
-        lambda_cross = getattr(self.config.networks, name).lambda_cross
-        return self_proj + self_search + lambda_cross * (cross_proj + cross_search)
-
-    @torch.no_grad()
-    def update_teachers(self, momentum: float) -> None:
-        for name, student in self.students.items():
-            teacher_params = list(self.teachers[name].parameters())
-            student_params = [p.detach().float() for p in student.module.network.parameters()]
-            torch._foreach_mul_(teacher_params, momentum)
-            torch._foreach_add_(teacher_params, student_params, alpha=1.0 - momentum)
+        partner = None if self.independent else self.partner[name]
+        return student_losses(
+            student_out, targets[name], targets.get(partner), self.teachers[partner] if partner else None,
+            self.centers[name], self.centers[partner] if partner else None, values[f"teacher_temperature.{name}"],
+            self.config.mokd.student_temperature, getattr(self.config.networks, name).lambda_cross,
+            self.dtypes[name])
 
 
 # ---------------------------------------------------------------- timing
