@@ -1,8 +1,10 @@
-"""The step's optional speed-ups keep its numbers: regional torch.compile (train.compile) and
-channels_last CNNs give the same losses and updated weights as the plain eager step (fp32)."""
+"""The step's speed-ups keep its numbers: regional torch.compile (train.compile), channels_last
+CNNs and ZeRO-2 without DeepSpeed's own gradient norms give the same losses and updated weights
+as the plain step (fp32)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -40,7 +42,7 @@ def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
         train = dataclasses.replace(config.train, compile=name in compiled)
         learners[name] = Learner(name, dataclasses.replace(config, train=train), pair_search_dim(config), device, 1)
     coordinator = Coordinator(config, learners, Schedules.build(config), device)
-    batches = iter(build_train_loader(config.data, 4, 4, 0, 1, 0, 0))
+    batches = iter(build_train_loader(config, rank=0, world_size=1))
     losses = []
     for step in range(STEPS):
         stats = coordinator.train_step(step, [next(batches)])
@@ -49,7 +51,8 @@ def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
                for part, module in (("student", learner.student), ("teacher", learner.teacher))
                for k, v in module.state_dict().items()}
     layouts = {n: learner.teacher.backbone.channels_last for n, learner in learners.items()}
-    return {"losses": losses, "weights": weights, "channels_last": layouts}
+    norms = {n: learner.engine._config.zero_config.compute_grad_norm for n, learner in learners.items()}
+    return {"losses": losses, "weights": weights, "channels_last": layouts, "compute_grad_norm": norms}
 
 
 def assert_same_step(plain: dict, other: dict) -> None:
@@ -130,3 +133,32 @@ def test_compile_refuses_unknown_backbones_and_zero3():
     config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.a.deepspeed=ds_configs/zero3_bf16.json"])
     with pytest.raises(ValueError, match="train.compile with ZeRO-3"):
         Learner("a", config, pair_search_dim(config), torch.device("cpu"), 1)
+
+
+def grad_norm_rank(rank, world_size, json_path):
+    default = load_config("tiny_cpu", TINY)
+    explicit = load_config("tiny_cpu", TINY + [f"networks.{n}.deepspeed={json_path}" for n in "ab"])
+    return run_steps(default), run_steps(explicit)
+
+
+def test_zero2_without_its_own_gradient_norms_gives_the_same_step(tmp_path):
+    from mokd_scale.config import deepspeed_json_path
+
+    ds = json.loads(deepspeed_json_path("ds_configs/zero2_bf16.json").read_text())
+    ds["zero_optimization"]["compute_grad_norm"] = True  # a config that says so keeps DeepSpeed's norms
+    path = tmp_path / "zero2_with_norms.json"
+    path.write_text(json.dumps(ds))
+    skipped, computed = run_on_ranks(grad_norm_rank, 1, args=(str(path),), timeout=300)
+    assert skipped["compute_grad_norm"] == {"a": False, "b": False}  # per-tensor clipping: GradientGate's norms
+    assert computed["compute_grad_norm"] == {"a": True, "b": True}
+    assert_same_step(computed, skipped)
+
+
+def test_deepspeed_keeps_its_gradient_norm_where_it_clips():
+    from mokd_scale.learner import deepspeed_config
+
+    config = load_config("tiny_cpu", TINY + ["networks.a.clip_mode=global"])
+    clipped = deepspeed_config(config.networks.a, config, 1, torch.float32)
+    assert clipped["gradient_clipping"] == 3.0 and "compute_grad_norm" not in clipped["zero_optimization"]
+    per_tensor = deepspeed_config(config.networks.b, config, 1, torch.float32)
+    assert per_tensor["gradient_clipping"] == 0 and per_tensor["zero_optimization"]["compute_grad_norm"] is False
