@@ -27,8 +27,8 @@ TINY = ["data.source=synthetic", "train.global_batch_size=4", "train.micro_batch
 STEPS = 2
 
 
-def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
-    """STEPS steps of the real Coordinator; `compiled` networks get train.compile=true."""
+def build(config, compiled: tuple[str, ...] = ()):
+    """The real Learners and Coordinator; `compiled` networks get train.compile=true."""
     from mokd_scale.coordinator import Coordinator
     from mokd_scale.data import build_train_loader
     from mokd_scale.learner import Learner
@@ -42,17 +42,23 @@ def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
         train = dataclasses.replace(config.train, compile=name in compiled)
         learners[name] = Learner(name, dataclasses.replace(config, train=train), pair_search_dim(config), device, 1)
     coordinator = Coordinator(config, learners, Schedules.build(config), device)
-    batches = iter(build_train_loader(config, rank=0, world_size=1))
+    return learners, coordinator, iter(build_train_loader(config, rank=0, world_size=1))
+
+
+def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
+    """STEPS steps of the real step: losses, then every student and teacher tensor."""
+    learners, coordinator, batches = build(config, compiled)
     losses = []
     for step in range(STEPS):
         stats = coordinator.train_step(step, [next(batches)])
         losses.append([stats.term(n, t) for n in "ab" for t in stats.term_names])
-    weights = {f"{n}.{part}.{k}": v.detach().clone() for n, learner in learners.items()
+    weights = {f"{n}.{part}.{k}": v.detach().float().clone() for n, learner in learners.items()
                for part, module in (("student", learner.student), ("teacher", learner.teacher))
                for k, v in module.state_dict().items()}
     layouts = {n: learner.teacher.backbone.channels_last for n, learner in learners.items()}
-    norms = {n: learner.engine._config.zero_config.compute_grad_norm for n, learner in learners.items()}
-    return {"losses": losses, "weights": weights, "channels_last": layouts, "compute_grad_norm": norms}
+    checks = {n: (learner.engine._config.zero_config.compute_grad_norm,
+                  learner.engine._config.bfloat16_config.check_grad_overflow) for n, learner in learners.items()}
+    return {"losses": losses, "weights": weights, "channels_last": layouts, "deepspeed_checks": checks}
 
 
 def assert_same_step(plain: dict, other: dict) -> None:
@@ -135,23 +141,48 @@ def test_compile_refuses_unknown_backbones_and_zero3():
         Learner("a", config, pair_search_dim(config), torch.device("cpu"), 1)
 
 
-def grad_norm_rank(rank, world_size, json_path):
-    default = load_config("tiny_cpu", TINY)
-    explicit = load_config("tiny_cpu", TINY + [f"networks.{n}.deepspeed={json_path}" for n in "ab"])
+BF16 = ["networks.a.precision=bf16", "networks.b.precision=bf16"]
+
+
+def deepspeed_checks_rank(rank, world_size, json_path):
+    default = load_config("tiny_cpu", TINY + BF16)
+    explicit = load_config("tiny_cpu", TINY + BF16 + [f"networks.{n}.deepspeed={json_path}" for n in "ab"])
     return run_steps(default), run_steps(explicit)
 
 
-def test_zero2_without_its_own_gradient_norms_gives_the_same_step(tmp_path):
+def test_zero2_without_deepspeeds_own_gradient_checks_gives_the_same_step(tmp_path):
     from mokd_scale.config import deepspeed_json_path
 
     ds = json.loads(deepspeed_json_path("ds_configs/zero2_bf16.json").read_text())
-    ds["zero_optimization"]["compute_grad_norm"] = True  # a config that says so keeps DeepSpeed's norms
-    path = tmp_path / "zero2_with_norms.json"
+    ds["zero_optimization"]["compute_grad_norm"] = True  # a config that says so keeps DeepSpeed's checks
+    ds["bf16"]["check_grad_overflow"] = True
+    path = tmp_path / "zero2_checked.json"
     path.write_text(json.dumps(ds))
-    skipped, computed = run_on_ranks(grad_norm_rank, 1, args=(str(path),), timeout=300)
-    assert skipped["compute_grad_norm"] == {"a": False, "b": False}  # per-tensor clipping: GradientGate's norms
-    assert computed["compute_grad_norm"] == {"a": True, "b": True}
-    assert_same_step(computed, skipped)
+    skipped, checked = run_on_ranks(deepspeed_checks_rank, 1, args=(str(path),), timeout=300)
+    # Per-tensor clipping: GradientGate's norms and non-finite check replace DeepSpeed's.
+    assert skipped["deepspeed_checks"] == {"a": (False, False), "b": (False, False)}
+    assert checked["deepspeed_checks"] == {"a": (True, True), "b": (True, True)}
+    assert_same_step(checked, skipped)
+
+
+def nan_rank(rank, world_size):
+    from mokd_scale.coordinator import NonFiniteLoss
+
+    learners, coordinator, batches = build(load_config("tiny_cpu", TINY + BF16))
+    assert not learners["a"].engine._config.bfloat16_config.check_grad_overflow
+    before = {k: v.detach().clone() for k, v in learners["a"].student.named_parameters()}
+    try:
+        coordinator.train_step(0, [next(batches)], inject_nan=True)
+    except NonFiniteLoss as error:
+        unchanged = all(torch.equal(before[k], v) for k, v in learners["a"].student.named_parameters())
+        return str(error), unchanged
+    return None, None
+
+
+def test_a_non_finite_bf16_zero2_gradient_still_stops_the_step_unapplied():
+    message, unchanged = run_on_ranks(nan_rank, 1, timeout=300)
+    assert message is not None and "network a" in message
+    assert unchanged
 
 
 def test_deepspeed_keeps_its_gradient_norm_where_it_clips():
