@@ -56,7 +56,12 @@ import collections
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mokd_scale import dist
+from mokd_scale.config import load_config
 from mokd_scale.profiling import current_phase
+from mokd_scale.tools.bench.step import (ZERO_CONFIGS, DdpStep, OurStep, add_recipe_args, batches_for_step,
+                                         bench_config, bench_micro_batches, device_name, launch, recipe_overrides,
+                                         start_rank)
 
 KINDS = ("launching", "views", "collectives")
 COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "deepspeed"})
@@ -96,23 +101,26 @@ class OperatorCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def summary(self, steps: int = 1, top: int = 8) -> dict:
-        """Per phase (in order of first appearance) and in total, per step: operators of each kind,
-        host syncs, the `top` most frequent launching operators, and every operator's count."""
-        phases: dict[str, dict] = {}
+        """Per step, for each phase (in order of first appearance) and in total: operators of each
+        kind, host syncs, the `top` most frequent launching operators and every operator's count."""
+        by_phase: dict[str, collections.Counter] = {}
         for (phase_name, func), count in self.counts.items():
-            entry = phases.setdefault(phase_name, {**{k: 0 for k in KINDS}, "host_syncs": 0, "ops": {}})
-            entry[kind_of(func)] += count
-            entry["host_syncs"] += count if is_host_sync(func) else 0
-            entry["ops"][op_name(func)] = entry["ops"].get(op_name(func), 0) + count
-        kinds = {op_name(func): kind_of(func) for _, func in self.counts}
-        for entry in phases.values():
-            for key in (*KINDS, "host_syncs"):
-                entry[key] = per_step(entry[key], steps)
-            entry["ops"] = {name: per_step(n, steps) for name, n in sorted(entry["ops"].items(), key=lambda x: -x[1])}
-            entry["top_launching"] = dict(list((n, c) for n, c in entry["ops"].items()
-                                               if kinds[n] == "launching")[:top])
-        total = {key: sum(entry[key] for entry in phases.values()) for key in (*KINDS, "host_syncs")}
-        return {"per_step": total, "phases": phases, "kinds": kinds}
+            by_phase.setdefault(phase_name, collections.Counter())[func] += count
+        every = sum(by_phase.values(), collections.Counter())
+        total = tally(every, steps, top)
+        return {"per_step": {key: total[key] for key in (*KINDS, "host_syncs")},
+                "phases": {name: tally(ops, steps, top) for name, ops in by_phase.items()},
+                "kinds": {op_name(func): kind_of(func) for func in every}}
+
+
+def tally(ops: collections.Counter, steps: int, top: int) -> dict:
+    entry = {kind: per_step(sum(n for func, n in ops.items() if kind_of(func) == kind), steps) for kind in KINDS}
+    entry["host_syncs"] = per_step(sum(n for func, n in ops.items() if is_host_sync(func)), steps)
+    ranked = ops.most_common()
+    launching = [(func, n) for func, n in ranked if kind_of(func) == "launching"][:top]
+    entry["top_launching"] = {op_name(func): per_step(n, steps) for func, n in launching}
+    entry["ops"] = {op_name(func): per_step(n, steps) for func, n in ranked}
+    return entry
 
 
 def per_step(count: int, steps: int) -> float | int:
@@ -151,9 +159,6 @@ def tiny_width_overrides(config) -> list[str]:
 
 
 def ops_config(args, info, zero: int):
-    from mokd_scale.config import load_config
-    from mokd_scale.tools.bench.step import bench_config, recipe_overrides
-
     overrides = recipe_overrides([], zero)
     if args.width == "tiny":
         overrides += tiny_width_overrides(load_config(args.config, overrides + args.set))
@@ -163,8 +168,6 @@ def ops_config(args, info, zero: int):
 
 def count_loop(loop, pool: list[dict], args) -> dict:
     """Operators of --steps optimizer steps after --warmup steps, per step."""
-    from mokd_scale.tools.bench.step import batches_for_step
-
     for step in range(args.warmup):
         loop.step(step, batches_for_step(pool, step, args.accumulation))
     counter = OperatorCounter()
@@ -175,10 +178,6 @@ def count_loop(loop, pool: list[dict], args) -> dict:
 
 
 def ops_worker(args) -> dict:
-    from mokd_scale import dist
-    from mokd_scale.tools.bench.step import (DdpStep, OurStep, bench_micro_batches, device_name,
-                                             start_rank)
-
     info = start_rank(args)
     loops, report = {}, {}
     for zero in args.zero:
@@ -189,7 +188,7 @@ def ops_worker(args) -> dict:
         if not report:
             report = describe(args, info, config, overrides, ours)
         del ours
-    if not args.no_ddp:
+    if not args.no_ddp:  # ZeRO does not concern it: the last stage's recipe and crops will do
         loops["ddp"] = count_loop(DdpStep(config, info), pool, args)
     report["loops"] = loops
     report["device"] = device_name(info.device)
@@ -246,15 +245,14 @@ def fmt(value) -> str:
 
 
 def parse_ops_args(argv) -> argparse.Namespace:
-    from mokd_scale.tools.bench.step import add_recipe_args
-
     parser = argparse.ArgumentParser(prog="mokd-bench ops", description=__doc__.split("\n")[0])
     add_recipe_args(parser, default_config="vitl16_r152")
     parser.add_argument("--width", choices=("tiny", "recipe"), default="tiny",
                         help="tiny: the recipe's depths and crops at tiny widths, micro-batch 2 (default); "
                              "recipe: as the recipe says")
     parser.add_argument("--zero", default="0,2", help="ZeRO stages to count, comma-separated (0 -> "
-                        "ds_configs/zero0_fp32_cpu.json, N -> ds_configs/zeroN_bf16.json; bf16 only on GPUs)")
+                        "ds_configs/zero0_fp32_cpu.json, N -> ds_configs/zeroN_bf16.json; precision: the recipe's, "
+                        "whose auto is fp32 on a CPU)")
     parser.add_argument("--steps", type=int, default=1, help="optimizer steps counted")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before counting")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
@@ -264,7 +262,6 @@ def parse_ops_args(argv) -> argparse.Namespace:
         args.zero = [int(stage) for stage in args.zero.split(",")]
     except ValueError:
         parser.error(f"--zero takes stages like 0,2, got {args.zero!r}")
-    from mokd_scale.tools.bench.step import ZERO_CONFIGS
     if not args.zero or any(stage not in ZERO_CONFIGS for stage in args.zero):
         parser.error(f"--zero stages must be among {sorted(ZERO_CONFIGS)}, got {args.zero}")
     if args.steps < 1 or args.warmup < 0:
@@ -273,5 +270,4 @@ def parse_ops_args(argv) -> argparse.Namespace:
 
 
 def run_ops_bench(argv=None) -> dict:
-    from mokd_scale.tools.bench.step import launch
     return launch(ops_worker, parse_ops_args(argv))

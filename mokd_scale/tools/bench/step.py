@@ -5,9 +5,11 @@
 
 "ours" is Coordinator.train_step over two Learners (DeepSpeed engines, fp32 EMA teachers), exactly
 what mokd-train runs. "ddp" is the authors' way of running the same math: both students wrapped in
-torch DDP, both forwards, one backward of the summed losses, torch optimizers, fp32 EMA teachers.
-Both loops get the same crops (pre-built synthetic micro-batches, so the data pipeline is not
-timed; see `mokd-bench data` for that) and the same MOKD terms (mokd_scale.mokd_terms, Centers).
+torch DDP, both forwards, one backward of the summed losses, torch optimizers. Everything but the
+engine and that order is the project's own code in both loops (loss terms, clipping, optimizers,
+EMA, centres; tests/test_bench_loops.py checks they give the same losses and weights), and both
+get the same crops (pre-built synthetic micro-batches, so the data pipeline is not timed; see
+`mokd-bench data` for that).
 
 Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
 micro-batch on the meta device (no memory, exact shapes): both teachers' forwards on the global
