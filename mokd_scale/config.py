@@ -78,12 +78,17 @@ class NetworkConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum: float = 0.9  # SGD / LARS
+    clip_grad: float = 3.0  # 0: no clipping
+    clip_mode: str = "per_tensor"  # per_tensor (each tensor's gradient norm <= clip_grad) | global (one norm)
+    warmup_teacher_temperature_epochs: int = 30  # teacher temperature warm-up of this network's loss terms
+    search_head_schedule: str = "own"  # own | partner (the search head follows the partner's lr and decay)
     deepspeed: str = "ds_configs/zero2_bf16.json"
     precision: str = "auto"  # auto | bf16 | fp32
     grad_checkpointing: bool = False
-    drop_path_rate: float = 0.1
-    freeze_weight_norm_scale: bool = True
-    use_bn_in_head: bool = False
+    drop_path_rate: float = 0.1  # students only: teachers never drop paths
+    proj_freeze_scale: bool = True  # freeze the projection head's weight-norm scale (DINO's norm_last_layer)
+    proj_batchnorm: bool = False  # BatchNorm in the projection head's hidden layers
+    search_freeze_scale: bool = False  # freeze the search head's weight-norm scale
 
 
 @dataclass(frozen=True)
@@ -94,16 +99,17 @@ class NetworksConfig:
 
 @dataclass(frozen=True)
 class MokdConfig:
+    mode: str = "mokd"  # mokd | independent (each network alone with DINO: no search heads, no cross terms)
     out_dim: int = 65536
     proj_hidden_dim: int = 2048
     proj_bottleneck_dim: int = 256
     search_depth: int = 3
     search_dim: int = 0  # 0: the ViT's embed dim of the pair
     search_head_dim: int = 64
+    search_l2_normalize: bool = False  # L2-normalise the pooled search feature before its last layer
     student_temperature: float = 0.1
     teacher_temperature: float = 0.07
     warmup_teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: float = 30.0
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996
     teacher_momentum_end: float = 1.0
@@ -313,6 +319,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if train.knn_every and not data.val_shards:
         raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
                           "data.train_shards) pointing at shards from mokd-shards")
+    if config.mokd.mode not in ("mokd", "independent"):
+        raise ConfigError(f"mokd.mode must be mokd or independent, got {config.mokd.mode!r}")
     for key in ("a", "b"):
         validate_network(getattr(config.networks, key), f"networks.{key}")
     if world_size is not None:
@@ -320,10 +328,15 @@ def validate(config: Config, world_size: int | None = None) -> None:
 
 
 def validate_network(net: NetworkConfig, key: str) -> None:
-    if net.optimizer not in ("adamw", "sgd", "lars"):
-        raise ConfigError(f"{key}.optimizer must be adamw, sgd or lars, got {net.optimizer!r}")
-    if net.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"{key}.precision must be auto, bf16 or fp32, got {net.precision!r}")
+    for name, allowed in (("optimizer", ("adamw", "sgd", "lars")), ("precision", ("auto", "bf16", "fp32")),
+                          ("clip_mode", ("per_tensor", "global")), ("search_head_schedule", ("own", "partner"))):
+        if getattr(net, name) not in allowed:
+            raise ConfigError(f"{key}.{name} must be one of {', '.join(allowed)}, got {getattr(net, name)!r}")
+    if net.clip_grad < 0:
+        raise ConfigError(f"{key}.clip_grad must be >= 0 (0 disables clipping), got {net.clip_grad}")
+    if net.warmup_teacher_temperature_epochs < 0:
+        raise ConfigError(f"{key}.warmup_teacher_temperature_epochs must be >= 0, "
+                          f"got {net.warmup_teacher_temperature_epochs}")
     if not net.deepspeed:
         raise ConfigError(f"{key}.deepspeed must name a DeepSpeed JSON (see ds_configs/)")
 

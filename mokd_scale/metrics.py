@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from mokd_scale import dist
-from mokd_scale.coordinator import TERMS, StepStats
+from mokd_scale.coordinator import StepStats
 
 NETWORKS = ("a", "b")
 SCHEDULED = ("lr", "wd", "teacher_momentum", "teacher_temperature")
@@ -43,16 +43,18 @@ def tensorboard_tag(key: str) -> str:
 class StepAccumulator:
     """Sums StepStats between two log lines on this rank."""
 
-    def __init__(self, out_dim: int, device: torch.device):
+    def __init__(self, out_dim: int, device: torch.device, term_names: tuple[str, ...]):
         self.out_dim = out_dim
         self.device = device
+        self.term_names = term_names
         self.reset()
 
     def reset(self) -> None:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.terms = {n: zeros(len(TERMS)) for n in NETWORKS}
+        self.terms = {n: zeros(len(self.term_names)) for n in NETWORKS}
         self.entropy = {n: zeros(1) for n in NETWORKS}
         self.mean_probs = {n: zeros(self.out_dim) for n in NETWORKS}
+        self.grad_norm = {n: 0.0 for n in NETWORKS}
         self.micro_batches = self.images = self.skipped = self.steps = 0
         self.started = time.monotonic()
 
@@ -62,6 +64,7 @@ class StepAccumulator:
             self.terms[name] += stats.terms[name].double()
             self.entropy[name] += stats.teacher_entropy[name].double()
             self.mean_probs[name] += stats.teacher_mean_probs[name].double()
+            self.grad_norm[name] += stats.grad_norm.get(name, 0.0)
         self.micro_batches += stats.micro_batches
         self.images += stats.images
         self.skipped += stats.skipped
@@ -69,21 +72,24 @@ class StepAccumulator:
 
     def reduce(self) -> dict[str, float]:
         """Global means over all ranks and steps since the last reset. A collective."""
+        terms_count = len(self.term_names)
         counts = torch.tensor([self.micro_batches, self.images, self.skipped], dtype=torch.float64, device=self.device)
         packed = torch.cat([*(self.terms[n] for n in NETWORKS), *(self.entropy[n] for n in NETWORKS),
                             *(self.mean_probs[n] for n in NETWORKS), counts])
         values = dist.all_reduce_sum(packed).cpu()
         micro, images, skipped = values[-3:].tolist()
-        terms = values[:len(NETWORKS) * len(TERMS)].view(len(NETWORKS), len(TERMS)) / max(micro, 1)
-        entropy = values[len(NETWORKS) * len(TERMS):][:len(NETWORKS)]
-        probs = values[len(NETWORKS) * (len(TERMS) + 1):-3].view(len(NETWORKS), self.out_dim)
-        out = {f"{n}.{t}": terms[i, j].item() for i, n in enumerate(NETWORKS) for j, t in enumerate(TERMS)}
+        terms = values[:len(NETWORKS) * terms_count].view(len(NETWORKS), terms_count) / max(micro, 1)
+        entropy = values[len(NETWORKS) * terms_count:][:len(NETWORKS)]
+        probs = values[len(NETWORKS) * (terms_count + 1):-3].view(len(NETWORKS), self.out_dim)
+        out = {f"{n}.{t}": terms[i, j].item() for i, n in enumerate(NETWORKS) for j, t in enumerate(self.term_names)}
         views = max(2 * images, 1)  # two global views per image reach the teacher
         log_k = math.log(self.out_dim)
         for i, name in enumerate(NETWORKS):
             out[f"{name}.teacher_entropy_ratio"] = entropy[i].item() / views / log_k
             mean = probs[i] / views
             out[f"{name}.teacher_kl_uniform"] = float((mean * torch.log(mean.clamp_min(1e-12) * self.out_dim)).sum())
+            # The same on every rank: the gradient norms are reduced before they are read.
+            out[f"{name}.grad_norm"] = self.grad_norm[name] / max(self.steps, 1)
         elapsed = max(time.monotonic() - self.started, 1e-9)
         out["images_per_s"] = images / elapsed
         out["skipped_samples"] = skipped
@@ -128,13 +134,19 @@ class MetricsWriter:
 def console_line(step: int, total: int, values: dict[str, float], eta_seconds: float) -> str:
     parts = [f"step {step}/{total}"]
     for name in NETWORKS:
-        terms = " ".join(f"{values[f'{name}.{t}']:.4f}" for t in TERMS[:4])
-        parts.append(f"{name}: loss {values[f'{name}.loss']:.4f} [sp ss cp cs: {terms}] "
-                     f"lr {values.get(f'lr.{name}', 0):.2e} H/lnK {values[f'{name}.teacher_entropy_ratio']:.3f}")
-    parts.append(f"m {values.get('teacher_momentum', 0):.5f} tT {values.get('teacher_temperature', 0):.3f}")
+        terms = [key.split(".", 1)[1] for key in values if key.startswith(f"{name}.") and key.split(".", 1)[1] in
+                 ("self_proj", "self_search", "cross_proj", "cross_search")]
+        shown = " ".join(f"{ABBREVIATIONS[t]} {values[f'{name}.{t}']:.4f}" for t in terms)
+        parts.append(f"{name}: loss {values[f'{name}.loss']:.4f} [{shown}] lr {values.get(f'lr.{name}', 0):.2e} "
+                     f"tT {values.get(f'teacher_temperature.{name}', 0):.3f} "
+                     f"H/lnK {values[f'{name}.teacher_entropy_ratio']:.3f}")
+    parts.append(f"m {values.get('teacher_momentum', 0):.5f}")
     parts.append(f"{values['images_per_s']:.1f} img/s ETA {format_duration(eta_seconds)}")
     parts.append(f"mem {values.get('peak_memory_gib', 0):.2f} GiB skipped {int(values['skipped_samples'])}")
     return " | ".join(parts)
+
+
+ABBREVIATIONS = {"self_proj": "sp", "self_search": "ss", "cross_proj": "cp", "cross_search": "cs"}
 
 
 def format_duration(seconds: float) -> str:

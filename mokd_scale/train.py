@@ -149,7 +149,7 @@ class Trainer:
         train = self.config.train
         loader = build_train_loader(self.config, self.info.rank, self.info.world_size, start)
         batches, accumulation = iter(loader), loader.micro_batches_per_step
-        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device)
+        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device, self.coordinator.term_names)
         inject_nan_at = int(os.environ.get("MOKD_TEST_NAN_AT_STEP", "-1"))  # fault injection for tests
         self.log(f"training steps {start}..{end} of {train.steps}; {accumulation} micro-batch(es) of "
                  f"{train.micro_batch_size} per rank per step")

@@ -4,18 +4,22 @@ import math
 import pytest
 import torch
 
-from mokd_scale.coordinator import TERMS, StepStats
+from mokd_scale.coordinator import StepStats
 from mokd_scale.metrics import MetricsWriter, StepAccumulator, console_line
+
+
+TERMS = ("self_proj", "self_search", "cross_proj", "cross_search", "loss")
 
 
 def stats_with(loss_a: float, probs: torch.Tensor, images: int, skipped: int = 0) -> StepStats:
     """One micro-batch whose teacher gave `probs` (rows) for 2 * images global views."""
     entropy = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-    stats = StepStats(micro_batches=1, images=images, skipped=skipped)
+    stats = StepStats(TERMS, micro_batches=1, images=images, skipped=skipped)
     for name in "ab":
         stats.terms[name] = torch.full((len(TERMS),), loss_a if name == "a" else 2.0)
         stats.teacher_entropy[name] = entropy.sum()
         stats.teacher_mean_probs[name] = probs.sum(dim=0)
+        stats.grad_norm[name] = 4.0 * loss_a
     return stats
 
 
@@ -23,7 +27,7 @@ def test_accumulator_means_and_collapse_diagnostics():
     k, images = 8, 3
     uniform = torch.full((2 * images, k), 1.0 / k)
     one_hot = torch.nn.functional.one_hot(torch.zeros(2 * images, dtype=torch.long), k).float()
-    meter = StepAccumulator(k, torch.device("cpu"))
+    meter = StepAccumulator(k, torch.device("cpu"), TERMS)
     meter.add(stats_with(1.0, uniform, images, skipped=2))
     meter.add(stats_with(3.0, uniform, images))
     values = meter.reduce()
@@ -31,6 +35,7 @@ def test_accumulator_means_and_collapse_diagnostics():
     assert values["a.teacher_entropy_ratio"] == pytest.approx(1.0)  # uniform targets: H = ln K
     assert values["a.teacher_kl_uniform"] == pytest.approx(0.0, abs=1e-9)
     assert values["skipped_samples"] == 2 and values["images_per_s"] > 0
+    assert values["a.grad_norm"] == pytest.approx(8.0)  # mean over the two steps
     meter.reset()
     meter.add(stats_with(1.0, one_hot, images))
     collapsed = meter.reduce()
@@ -63,3 +68,6 @@ def test_console_line_shows_progress_losses_and_eta():
                    "skipped_samples": 3, "lr.a": 1e-3, "peak_memory_gib": 1.5})
     line = console_line(40, 400, values, eta_seconds=3725)
     assert "step 40/400" in line and "12.5 img/s" in line and "ETA 1h02m" in line and "skipped 3" in line
+    assert "cs 1.0000" in line
+    independent = {k: v for k, v in values.items() if not k.endswith(("search", "cross_proj"))}
+    assert "cs " not in console_line(40, 400, independent, eta_seconds=1) and "sp 1.0000" in line

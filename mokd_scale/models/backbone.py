@@ -46,6 +46,18 @@ def create_timm_model(arch: str, arch_kwargs: dict, drop_path_rate: float) -> nn
                              **timm_kwargs(arch, arch_kwargs))
 
 
+def token_grid(arch: str, arch_kwargs: dict, image_size: int) -> tuple[int, int]:
+    """The (h, w) token grid the backbone gives for a square image of `image_size` pixels, found by
+    running the architecture on the meta device (no memory, no weights): padding and dilation
+    (output_stride) are accounted for exactly, whatever the architecture."""
+    with torch.device("meta"):
+        model = create_timm_model(arch, arch_kwargs, 0.0).eval()  # BatchNorm must not need a batch
+        if is_vit_arch(arch):
+            return tuple(model.patch_embed.dynamic_feat_size((image_size, image_size)))
+        features = model.forward_features(torch.empty(1, 3, image_size, image_size))
+    return tuple(features.shape[-2:])
+
+
 class Backbone(nn.Module):
     """ViT: pooled = class token after the final norm, tokens = patch tokens.
     CNN: pooled = global average of the last stage, tokens = its feature map flattened."""
