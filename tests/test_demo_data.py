@@ -136,10 +136,10 @@ def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
     import subprocess
     import sys
 
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
     from tests.test_export import write_fake_checkpoint
 
-    networks = {n: build_network(getattr(cfg.networks, n), cfg.mokd, pair_search_dim(cfg)) for n in ("a", "b")}
+    networks = {n: build_network(cfg, n) for n in ("a", "b")}
     write_fake_checkpoint(tmp_path / "run", cfg, networks, step=7)
     out = tmp_path / "eval" / "knn.json"
     done = subprocess.run([sys.executable, "-m", "mokd_scale.tools.eval_knn", "--checkpoint", str(tmp_path / "run"),

@@ -16,7 +16,7 @@ from mokd_scale.tools import export as export_backbone
 def tiny_networks():
     cfg = load_config("tiny_cpu")
     torch.manual_seed(0)
-    networks = {name: build_network(getattr(cfg.networks, name), cfg.mokd, pair_search_dim(cfg))
+    networks = {name: build_network(cfg, name)
                 for name in ("a", "b")}
     with torch.no_grad():  # move BatchNorm running stats away from their init values
         for net in networks.values():
@@ -73,7 +73,7 @@ def test_exported_teacher_loads_in_one_timm_line_and_gives_training_features(tmp
 def test_student_export_from_stage0_engine_save(tmp_path, tiny_networks):
     cfg, networks = tiny_networks
     step_dir = write_fake_checkpoint(tmp_path, cfg, networks)
-    student = build_network(cfg.networks.b, cfg.mokd, pair_search_dim(cfg))  # differs from teacher
+    student = build_network(cfg, "b")  # differs from teacher
     (step_dir / "b").mkdir()
     torch.save({"module": student.state_dict()}, step_dir / "b" / "mp_rank_00_model_states.pt")
     export_backbone.export(tmp_path / "checkpoints", "b", tmp_path / "student", student=True)
@@ -129,8 +129,9 @@ def train_one_step_and_save(rank, world_size, out_dir):
     learners = {name: Learner(name, cfg, pair_search_dim(cfg), torch.device("cpu"), world_size)
                 for name in ("a", "b")}
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-    for learner in learners.values():
-        learner.apply_schedule(lr=1e-2, weight_decay=0.0, last_layer_frozen=False)
+    schedule = {"lr.a": 1e-2, "lr.b": 1e-2, "wd.a": 0.0, "wd.b": 0.0}
+    for name, learner in learners.items():
+        learner.apply_schedule(schedule, partner="b" if name == "a" else "a", last_layer_frozen=False)
         loss = learner.engine(images).proj.float().pow(2).mean()
         learner.engine.backward(loss)
         learner.engine.step()

@@ -56,7 +56,7 @@ def load_teachers(args: argparse.Namespace, device):
 
     from mokd_scale.checkpoint import find_tag, read_state
     from mokd_scale.config import apply_override, from_dict, validate
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
 
     step_dir = find_tag(args.checkpoint, args.tag)
     state = read_state(step_dir)
@@ -72,7 +72,7 @@ def load_teachers(args: argparse.Namespace, device):
     torch.manual_seed(config.seed if args.seed is None else args.seed)
     networks = {}
     for name in names:
-        network = build_network(getattr(config.networks, name), config.mokd, pair_search_dim(config))
+        network = build_network(config, name, teacher=True)
         if not args.random_init:
             network.load_state_dict(state["teachers"][name], strict=True)
         networks[name] = network.to(device).eval()

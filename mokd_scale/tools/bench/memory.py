@@ -142,16 +142,15 @@ def largest_layer_params(network) -> int:
 
 def flagship_counts(config_name: str) -> dict:
     from mokd_scale.config import load_config
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
     from mokd_scale.models.summary import parameter_counts
 
     config = load_config(config_name)
-    search_dim = pair_search_dim(config)
     counts = {}
     for name in ("a", "b"):
         net_cfg = getattr(config.networks, name)
         with torch.device("meta"):
-            network = build_network(net_cfg, config.mokd, search_dim)
+            network = build_network(config, name)
         counts[name] = {"arch": net_cfg.arch, "optimizer": net_cfg.optimizer, **parameter_counts(network),
                         "largest_layer": largest_layer_params(network)}
     return counts
