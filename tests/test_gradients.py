@@ -59,15 +59,10 @@ def whole_parameters(learner) -> dict[str, torch.Tensor]:
 
 
 def micro_batches(config, rank, world_size):
+    from mokd_scale.config import gradient_accumulation_steps
     from mokd_scale.data import build_train_loader
-    train = config.train
-    loader = iter(build_train_loader(config.data, train.micro_batch_size, train.global_batch_size, rank,
-                                     world_size, config.seed, 0))
-    return [next(loader) for _ in range(loader_accumulation(config, world_size))]
-
-
-def loader_accumulation(config, world_size):
-    return config.train.global_batch_size // (config.train.micro_batch_size * world_size)
+    loader = iter(build_train_loader(config, rank, world_size))
+    return [next(loader) for _ in range(gradient_accumulation_steps(config, world_size))]
 
 
 def step_updates(rank, world_size, stage, clip):
