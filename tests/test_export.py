@@ -16,8 +16,7 @@ from mokd_scale.tools import export as export_backbone
 def tiny_networks():
     cfg = load_config("tiny_cpu")
     torch.manual_seed(0)
-    networks = {name: build_network(cfg, name)
-                for name in ("a", "b")}
+    networks = {name: build_network(cfg, name) for name in ("a", "b")}
     with torch.no_grad():  # move BatchNorm running stats away from their init values
         for net in networks.values():
             net.train()(torch.randn(8, 3, 32, 32) * 2 + 1)
@@ -129,9 +128,9 @@ def train_one_step_and_save(rank, world_size, out_dir):
     learners = {name: Learner(name, cfg, pair_search_dim(cfg), torch.device("cpu"), world_size)
                 for name in ("a", "b")}
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-    schedule = {"lr.a": 1e-2, "lr.b": 1e-2, "wd.a": 0.0, "wd.b": 0.0}
+    values = {f"{kind}.{name}": value for name in "ab" for kind, value in (("lr", 1e-2), ("wd", 0.0))}
     for name, learner in learners.items():
-        learner.apply_schedule(schedule, partner="b" if name == "a" else "a", last_layer_frozen=False)
+        learner.apply_schedule(values, partner="b" if name == "a" else "a", last_layer_frozen=False)
         loss = learner.engine(images).proj.float().pow(2).mean()
         learner.engine.backward(loss)
         learner.engine.step()

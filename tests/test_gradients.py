@@ -59,10 +59,10 @@ def whole_parameters(learner) -> dict[str, torch.Tensor]:
 
 
 def micro_batches(config, rank, world_size):
-    from mokd_scale.config import gradient_accumulation_steps
     from mokd_scale.data import build_train_loader
-    loader = iter(build_train_loader(config, rank, world_size))
-    return [next(loader) for _ in range(gradient_accumulation_steps(config, world_size))]
+    loader = build_train_loader(config, rank, world_size, 0)
+    batches = iter(loader)
+    return [next(batches) for _ in range(loader.micro_batches_per_step)]
 
 
 def step_updates(rank, world_size, stage, clip):

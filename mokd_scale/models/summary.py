@@ -57,8 +57,7 @@ def main(argv=None) -> None:
     add_set_argument(parser)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    search_dim = pair_search_dim(cfg) if cfg.mokd.mode == "mokd" else 0
-    print(format_table(recipe_counts(cfg), search_dim, cfg.mokd.out_dim))
+    print(format_table(recipe_counts(cfg), pair_search_dim(cfg), cfg.mokd.out_dim))
 
 
 if __name__ == "__main__":

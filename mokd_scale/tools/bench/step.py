@@ -253,16 +253,11 @@ def mokd_step_flops(config: Config) -> dict:
     from mokd_scale.models import build_network
     from mokd_scale.mokd_terms import network_losses, teacher_forward
 
-    # No checkpointing: recomputation is hardware work, not model work.
-    networks_cfg = config.networks
-    for name in ("a", "b"):
-        networks_cfg = dataclasses.replace(networks_cfg, **{name: dataclasses.replace(
-            getattr(networks_cfg, name), grad_checkpointing=False)})
-    config = dataclasses.replace(config, networks=networks_cfg)
     independent = config.mokd.mode == "independent"
     data, batch = config.data, config.train.micro_batch_size
     with torch.device("meta"):
-        networks = {name: build_network(config, name) for name in ("a", "b")}
+        # Built as teachers: no checkpointing (recomputation is hardware work, not model work).
+        networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in ("a", "b")}
         centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum, with_search=not independent)
                    for name in ("a", "b")}
         crops = [torch.empty(batch, 3, data.global_crop_size, data.global_crop_size) for _ in range(2)]
@@ -351,10 +346,12 @@ class DdpStep:
         for name in ("a", "b"):
             net_cfg = getattr(config.networks, name)
             network = build_network(config, name, search_dim=search_dim)
+            teacher = make_teacher(config, name, network, search_dim)
             if info.device.type == "cuda" and info.world_size > 1:
                 network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # as DINO does with BatchNorm
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
             network.to(info.device)
-            self.teachers[name] = make_teacher(config, name, network, search_dim)
+            self.teachers[name] = teacher.to(info.device)
             self.dtypes[name] = resolve_precision(net_cfg.precision, info.device)
             self.optimizers[name] = build_optimizer(net_cfg, parameter_groups(network, net_cfg.search_head_schedule))
             device_ids = [info.device] if info.device.type == "cuda" else None
