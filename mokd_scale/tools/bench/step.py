@@ -256,11 +256,13 @@ def mokd_step_flops(config: Config) -> dict:
     from mokd_scale.models import build_network
     from mokd_scale.mokd_terms import network_losses, teacher_forward
 
+    independent = config.mokd.mode == "independent"
     data, batch = config.data, config.train.micro_batch_size
     with torch.device("meta"):
         # Built as teachers: no checkpointing (recomputation is hardware work, not model work).
         networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in ("a", "b")}
-        centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum) for name in ("a", "b")}
+        centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum, with_search=not independent)
+                   for name in ("a", "b")}
         crops = [torch.empty(batch, 3, data.global_crop_size, data.global_crop_size) for _ in range(2)]
         crops += [torch.empty(batch, 3, data.local_crop_size, data.local_crop_size)
                   for _ in range(data.num_local_crops)]
@@ -271,8 +273,9 @@ def mokd_step_flops(config: Config) -> dict:
     for name, partner in (("a", "b"), ("b", "a")):
         counter = FlopCounterMode(display=False)
         with counter:
-            terms = network_losses(networks[name], crops, teachers[name], teachers[partner], networks[partner],
-                                   centers[name], centers[partner], 0.04, 0.1,
+            terms = network_losses(networks[name], crops, teachers[name], None if independent else teachers[partner],
+                                   None if independent else networks[partner], centers[name],
+                                   None if independent else centers[partner], 0.04, 0.1,
                                    getattr(config.networks, name).lambda_cross)
             terms.total.backward()
         flops[f"student_{name}_fwd_bwd_and_cross_targets"] = counter.get_total_flops()
