@@ -34,11 +34,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def wants_channels_last(network: MokdNetwork, device: torch.device, dtype: torch.dtype) -> bool:
-    """CNNs in bf16 on a GPU: tensor-core convolutions want NHWC. A CPU or fp32 gains nothing."""
-    return not network.backbone.is_vit and device.type == "cuda" and dtype == torch.bfloat16
-
-
 OWN, PARTNER = "own", "partner"
 
 
@@ -207,3 +202,8 @@ def compile_student_and_teacher(student: nn.Module, teacher: nn.Module, net: Net
                          "hooks that a compiled block would have to trace; use a ZeRO-2 config or train.compile=false")
     for network in (student, teacher):
         compile_regions(network)
+
+
+def wants_channels_last(network: MokdNetwork, device: torch.device, dtype: torch.dtype) -> bool:
+    """CNNs in bf16 on a GPU: tensor-core convolutions want NHWC. A CPU or fp32 gains nothing."""
+    return not network.backbone.is_vit and device.type == "cuda" and dtype == torch.bfloat16
