@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mokd_scale import dist
+from mokd_scale import dist, faults
 from mokd_scale.config import Config
 from mokd_scale.data import normalize_crops
 from mokd_scale.learner import Learner
@@ -57,7 +57,7 @@ class Coordinator:
         self.mean = config.data.mean
         self.std = config.data.std
 
-    def train_step(self, step: int, micro_batches: list[dict], inject_nan: bool = False) -> StepStats:
+    def train_step(self, step: int, micro_batches: list[dict]) -> StepStats:
         """One optimizer step of both networks over this rank's share of the global batch."""
         values = self.schedules.at(step)
         frozen = self.schedules.last_layer_frozen(step)
@@ -65,7 +65,7 @@ class Coordinator:
             learner.apply_schedule(values[f"lr.{name}"], values[f"wd.{name}"], frozen)
         stats = StepStats()
         for batch in micro_batches:
-            self.micro_step(step, batch, values["teacher_temperature"], stats, inject_nan)
+            self.micro_step(step, batch, values["teacher_temperature"], stats)
         self.check_grad_norms(step)
         for learner in self.learners.values():
             with phase("centers"):
@@ -74,8 +74,7 @@ class Coordinator:
                 learner.update_teacher(values["teacher_momentum"])
         return stats
 
-    def micro_step(self, step: int, batch: dict, teacher_temperature: float, stats: StepStats,
-                   inject_nan: bool) -> None:
+    def micro_step(self, step: int, batch: dict, teacher_temperature: float, stats: StepStats) -> None:
         crops = normalize_crops(batch["crops"], self.device, torch.float32, self.mean, self.std)
         teacher_outputs = {name: self.teacher_outputs(learner, crops[:2]) for name, learner in self.learners.items()}
         term_values = {}
@@ -86,7 +85,7 @@ class Coordinator:
                 self.learners[partner].teacher, learner.centers, self.learners[partner].centers,
                 teacher_temperature, self.config.mokd.student_temperature, learner.net_cfg.lambda_cross,
                 compute_dtype=learner.dtype)
-            total = terms.total * float("nan") if inject_nan and name == "a" else terms.total
+            total = faults.poison_loss(step, name, terms.total)
             # A non-finite loss only matters at engine.step(): its backward runs on every rank alike
             # (same collectives), so the ranks agree once per micro-batch, below, instead of once per network.
             with phase("student_backward"):

@@ -1,0 +1,132 @@
+"""One endless stream of encoded samples: resampled shards through a reservoir shuffle buffer.
+
+Its position is small and exact: the generator state, the shard being read and how many samples were
+taken from it, and for each buffered sample where it came from (shard, ordinal). restore() rebuilds
+the buffer by reading those samples again (bytes only, no decoding), so a resumed stream continues
+with exactly the samples an uninterrupted one would have produced.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mokd_scale.data.seeds import random_state, set_random_state
+from mokd_scale.data.tar_stream import read_shard
+
+log = logging.getLogger(__name__)
+
+# A stream that opens this many shards in a row without one usable sample gives up: the shard
+# list is wrong (not a transient read error), and spinning silently would stall every rank.
+MAX_EMPTY_SHARDS_IN_A_ROW = 50
+NO_SHARD = -1
+
+
+class ShardSampleStream:
+    """Samples drawn by `rng`: each shard picked with replacement from `urls`, read in order, mixed
+    through a buffer of `buffer_size` (a random buffered sample leaves for each one that enters)."""
+
+    def __init__(self, urls: list[str], buffer_size: int, rng: random.Random):
+        self.urls = urls
+        self.buffer_size = buffer_size
+        self.rng = rng
+        self.buffer: list[dict] = []
+        self.origins = np.zeros((buffer_size, 2), dtype=np.int64)  # (shard, ordinal) of each buffered sample
+        self.shard = NO_SHARD  # the shard being read, NO_SHARD between shards
+        self.taken = 0  # samples taken from it so far
+        self.reader: Iterator[dict] | None = None
+        self.empty_in_a_row = 0
+        self.read_errors = 0  # since the last take_read_errors()
+
+    def next(self) -> dict:
+        while len(self.buffer) < self.buffer_size:
+            origin, sample = self._next_from_shards()
+            self.origins[len(self.buffer)] = origin
+            self.buffer.append(sample)
+        origin, sample = self._next_from_shards()
+        slot = self.rng.randrange(self.buffer_size)
+        leaving = self.buffer[slot]
+        self.buffer[slot], self.origins[slot] = sample, origin
+        return leaving
+
+    def take_read_errors(self) -> int:
+        count, self.read_errors = self.read_errors, 0
+        return count
+
+    def _next_from_shards(self) -> tuple[tuple[int, int], dict]:
+        while True:
+            if self.reader is None:
+                self.shard, self.taken = self.rng.randrange(len(self.urls)), 0
+                self.reader = read_shard(self.urls[self.shard])
+            try:
+                sample = next(self.reader)
+            except StopIteration:
+                self._end_shard()
+                continue
+            except Exception as err:  # noqa: BLE001 - a bad shard must not kill a multi-day run
+                self.read_errors += 1
+                log.warning("skipping the rest of shard %s after a read error: %s", self.urls[self.shard], err)
+                self._end_shard()
+                continue
+            origin = (self.shard, self.taken)
+            self.taken += 1
+            return origin, sample
+
+    def _end_shard(self) -> None:
+        self.empty_in_a_row = 0 if self.taken else self.empty_in_a_row + 1
+        if self.empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
+            raise RuntimeError(f"{self.empty_in_a_row} shards in a row gave no sample (last "
+                               f"{self.urls[self.shard]!r}); check data.train_shards")
+        self.reader, self.shard = None, NO_SHARD
+
+    # --- position ------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """Plain values and tensors (checkpoints load with torch.load(weights_only=True))."""
+        return {"rng": random_state(self.rng), "shard": self.shard, "taken": self.taken,
+                "empty_in_a_row": self.empty_in_a_row,
+                "origins": torch.from_numpy(self.origins[:len(self.buffer)].copy())}
+
+    def restore(self, state: dict) -> None:
+        set_random_state(self.rng, state["rng"])
+        self.empty_in_a_row = int(state["empty_in_a_row"])
+        origins = [tuple(origin) for origin in state["origins"].tolist()]
+        samples = read_samples(self.urls, origins)
+        kept = [origin for origin in origins if origin in samples]
+        if len(kept) < len(origins):
+            log.warning("%d of %d buffered samples could not be read again (shards changed?): the data order "
+                        "after this resume differs from an uninterrupted run", len(origins) - len(kept), len(origins))
+        self.buffer = [samples[origin] for origin in kept]
+        self.origins[:len(kept)] = np.asarray(kept, dtype=np.int64).reshape(-1, 2)
+        self.shard, self.taken, self.reader = int(state["shard"]), int(state["taken"]), None
+        if self.shard != NO_SHARD:
+            self.reader = read_shard(self.urls[self.shard])
+            try:
+                for _ in range(self.taken):  # the samples the saved stream had already taken
+                    next(self.reader)
+            except Exception as err:  # noqa: BLE001 - StopIteration included: the shard changed
+                log.warning("shard %s cannot be read to where the saved stream stood (%s): moving on to the "
+                            "next shard", self.urls[self.shard], err)
+                self.reader, self.shard = None, NO_SHARD
+
+
+def read_samples(urls: list[str], origins: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+    """The samples at (shard, ordinal) origins, each shard read once and only as far as needed."""
+    wanted: dict[int, set[int]] = defaultdict(set)
+    for shard, ordinal in origins:
+        wanted[shard].add(ordinal)
+    found = {}
+    for shard, ordinals in wanted.items():
+        last = max(ordinals)
+        try:
+            for ordinal, sample in enumerate(read_shard(urls[shard])):
+                if ordinal in ordinals:
+                    found[(shard, ordinal)] = sample
+                if ordinal == last:
+                    break
+        except Exception as err:  # noqa: BLE001 - reported as missing samples by the caller
+            log.warning("re-reading shard %s for a resume failed: %s", urls[shard], err)
+    return found
