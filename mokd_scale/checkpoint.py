@@ -102,7 +102,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state
         faults.between_engine_saves(step)
     faults.before_rank_files(step)
     digests = write_own_files(tag_dir, step, learners, extra_state, rank_state, errors)
-    reports = dist.all_gather_object((errors, manifest.list_files(tag_dir), digests))  # all writes are done
+    reports = dist.all_gather_object((first_of(errors), manifest.list_files(tag_dir), digests))  # all written
     errors = [error for report in reports for error in report[0]]
     if not errors and dist.rank() == 0:
         errors = commit(checkpoint_dir, tag, step, reports, keep_last)
@@ -149,6 +149,13 @@ def recording_errors(write, path_index: int, step: int, errors: list[str]):
         except Exception as error:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError
             errors.append(write_error(path, error))
     return guarded
+
+
+def first_of(errors: list[str]) -> list[str]:
+    """One rank's first failure says what went wrong; the ones after it mostly follow from it."""
+    if len(errors) <= 1:
+        return errors
+    return [f"{errors[0]} (and {len(errors) - 1} more writes on rank {dist.rank()})"]
 
 
 def write_error(path, error: Exception) -> str:

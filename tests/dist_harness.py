@@ -27,7 +27,8 @@ def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
+    # Not daemonic: a rank may start DataLoader workers. The `finally` below kills what is left.
+    processes = [context.Process(target=rank_main, args=(fn, rank, world_size, port, args, results))
                  for rank in range(world_size)]
     for process in processes:
         process.start()

@@ -7,6 +7,7 @@ import itertools
 import json
 import random
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,6 +249,42 @@ def test_train_stream_is_deterministic_per_seed_epoch_rank_worker(tmp_path):
     two_workers = batches(cfg=with_workers)
     assert same_batches(two_workers, batches(cfg=with_workers))
     assert not same_batches(two_workers[:1], two_workers[1:2])  # worker 0 and worker 1 differ
+
+
+def continue_after(cfg, position, start_step: int, count: int, rank: int = 0) -> tuple[list[dict], dict]:
+    """Batches of a loader resumed at `position`, through a checkpoint-like save/load round trip."""
+    path = Path(cfg.train_shards).parent / "position.pt"
+    torch.save(position, path)
+    loader = build_train_loader(cfg, 2, 8, rank, 2, seed=0, start_step=start_step,
+                                position=torch.load(path, weights_only=True))
+    batches = first_batches(loader, count)
+    return batches, loader.state_dict()
+
+
+def test_a_resumed_loader_continues_every_worker_stream_exactly(tmp_path):
+    """Two workers (batches alternate between them), a shuffle buffer spanning shards, epochs of 3
+    micro-batches per worker: stops after 1, 2 and 4 batches, and a second resume on top of the first."""
+    _, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
+    cfg = shard_cfg(index, "data.workers=2", "data.shuffle_buffer=5", "data.samples_per_epoch=24",
+                    "train.global_batch_size=8", "train.micro_batch_size=2")
+    straight = first_batches(build_train_loader(cfg, 2, 8, 1, 2, seed=0), 9)
+    for stop in (1, 2, 4):
+        first = build_train_loader(cfg, 2, 8, 1, 2, seed=0)
+        consumed = first_batches(first, stop)
+        resumed, position = continue_after(cfg, first.state_dict(), stop // 2, 2, rank=1)
+        assert resumed and same_batches(straight[:stop] + resumed, straight[:stop + 2]), stop
+        again, _ = continue_after(cfg, position, (stop + 2) // 2, 9 - stop - 2, rank=1)
+        assert same_batches(consumed + resumed + again, straight), stop
+
+
+def test_a_position_saved_with_other_settings_is_not_replayed(tmp_path, caplog):
+    _, index, _ = write_photo_shards(tmp_path, num_shards=2, per_shard=4)
+    two_workers = shard_cfg(index, "data.workers=2")
+    first = build_train_loader(two_workers, 2, 8, 0, 2, seed=0)
+    first_batches(first, 1)
+    loader = build_train_loader(shard_cfg(index, "data.workers=1"), 2, 8, 0, 2, seed=0, start_step=1,
+                                position=first.state_dict())
+    assert not loader.dataset.continued and "restart with fresh samples" in caplog.text
 
 
 def test_the_epoch_is_part_of_the_seed(tmp_path):
