@@ -224,7 +224,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     before every rank's files were written."""
     steps = 12
     env = flagship_environment(tmp_path, f"{TINY} train.steps={steps} train.checkpoint_every=1000")
-    env["MOKD_FAULTS"] = ",".join(f"slow_save@{step}:1" for step in range(1, steps))
+    env["MOKD_FAULTS"] = ",".join(f"slow_save@{step}:1" for step in range(1, steps))  # not the final save
     _, job_id = sbatch([*TWO_CPU_NODES, "--job-name=mokd_preempt", f"--output={tmp_path}/%x-%j.out", str(FLAGSHIP)],
                        env, tmp_path, timeout=30)
     run_dir = tmp_path / "runs" / "mokd_preempt"
@@ -332,7 +332,7 @@ def test_a_killed_rank_then_a_frozen_rank_each_end_the_job_which_restarts_and_fi
     """Run 1: kill -9 of rank 1 -> the step ends within 60 s (srun --kill-on-bad-exit) and the job
     requeues itself. Run 2 resumes from `latest`; rank 1 frozen with SIGSTOP -> rank 0's collective
     times out (train.collective_timeout_s) and the job requeues again. Run 3 finishes at the right step."""
-    steps, timeout_s = 16, 10
+    steps, timeout_s = 12, 10
     env = flagship_environment(tmp_path, f"{TINY} train.steps={steps} train.checkpoint_every=2 "
                                          f"train.collective_timeout_s={timeout_s}")
     _, job_id = sbatch([*TWO_CPU_NODES, "--job-name=mokd_faults", f"--output={tmp_path}/%x-%j.out", str(FLAGSHIP)],
@@ -373,8 +373,8 @@ def test_a_killed_rank_then_a_frozen_rank_each_end_the_job_which_restarts_and_fi
 
 
 def test_a_crash_that_repeats_stops_after_a_restart_without_progress(slurm_cluster, tmp_path):
-    env = flagship_environment(tmp_path, f"{TINY} train.steps=8 train.checkpoint_every=2")
-    env["MOKD_FAULTS"] = "crash@3:1"  # rank 1 raises as it starts step 4, every time
+    env = flagship_environment(tmp_path, f"{TINY} train.steps=4 train.checkpoint_every=1")
+    env["MOKD_FAULTS"] = "crash@1:1"  # rank 1 raises as it starts step 2, every time
     started = time.monotonic()
     code, job_id = sbatch([*TWO_CPU_NODES, "--wait", "--job-name=mokd_crash", f"--output={tmp_path}/%x-%j.out",
                            str(FLAGSHIP)], env, tmp_path, timeout=400)
@@ -382,6 +382,6 @@ def test_a_crash_that_repeats_stops_after_a_restart_without_progress(slurm_clust
     log = read_log(tmp_path / f"mokd_crash-{job_id}.out")
     assert code != 0, log
     assert len(re.findall(r"mokd-slurm: restart \d of 3 after", log)) == 1, log
-    assert "InjectedFault" in log and "resumed from step_00000002" in log
-    assert "No progress since restart 1: the latest checkpoint is still step_00000002" in log
+    assert "InjectedFault" in log and "resumed from step_00000001" in log
+    assert "No progress since restart 1: the latest checkpoint is still step_00000001" in log
     assert final_record(job_id)["JobState"] == "FAILED"
