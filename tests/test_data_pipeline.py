@@ -251,9 +251,9 @@ def test_train_stream_is_deterministic_per_seed_epoch_rank_worker(tmp_path):
     assert not same_batches(two_workers[:1], two_workers[1:2])  # worker 0 and worker 1 differ
 
 
-def continue_after(cfg, position, start_step: int, count: int, rank: int = 0) -> tuple[list[dict], dict]:
+def continue_after(cfg, position, start_step: int, count: int, rank: int, folder: Path) -> tuple[list[dict], dict]:
     """Batches of a loader resumed at `position`, through a checkpoint-like save/load round trip."""
-    path = Path(cfg.train_shards).parent / "position.pt"
+    path = folder / "position.pt"
     torch.save(position, path)
     loader = build_train_loader(cfg, 2, 8, rank, 2, seed=0, start_step=start_step,
                                 position=torch.load(path, weights_only=True))
@@ -261,19 +261,22 @@ def continue_after(cfg, position, start_step: int, count: int, rank: int = 0) ->
     return batches, loader.state_dict()
 
 
-def test_a_resumed_loader_continues_every_worker_stream_exactly(tmp_path):
+@pytest.mark.parametrize("access", ["seek", "stream"])
+def test_a_resumed_loader_continues_every_worker_stream_exactly(tmp_path, access):
     """Two workers (batches alternate between them), a shuffle buffer spanning shards, epochs of 3
-    micro-batches per worker: stops after 1, 2 and 4 batches, and a second resume on top of the first."""
-    _, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
-    cfg = shard_cfg(index, "data.workers=2", "data.shuffle_buffer=5", "data.samples_per_epoch=24",
+    micro-batches per worker: stops after 1, 2 and 4 batches, and a second resume on top of the first.
+    Plain .tar files are re-read at the samples' offsets, a pipe: URL from its start."""
+    pattern, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
+    spec = index if access == "seek" else f"pipe:cat {pattern}"
+    cfg = shard_cfg(spec, "data.workers=2", "data.shuffle_buffer=5", "data.samples_per_epoch=24",
                     "train.global_batch_size=8", "train.micro_batch_size=2")
     straight = first_batches(build_train_loader(cfg, 2, 8, 1, 2, seed=0), 9)
     for stop in (1, 2, 4):
         first = build_train_loader(cfg, 2, 8, 1, 2, seed=0)
         consumed = first_batches(first, stop)
-        resumed, position = continue_after(cfg, first.state_dict(), stop // 2, 2, rank=1)
+        resumed, position = continue_after(cfg, first.state_dict(), stop // 2, 2, 1, tmp_path)
         assert resumed and same_batches(straight[:stop] + resumed, straight[:stop + 2]), stop
-        again, _ = continue_after(cfg, position, (stop + 2) // 2, 9 - stop - 2, rank=1)
+        again, _ = continue_after(cfg, position, (stop + 2) // 2, 9 - stop - 2, 1, tmp_path)
         assert same_batches(consumed + resumed + again, straight), stop
 
 

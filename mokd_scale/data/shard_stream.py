@@ -1,9 +1,10 @@
 """One endless stream of encoded samples: resampled shards through a reservoir shuffle buffer.
 
-Its position is small and exact: the generator state, the shard being read and how many samples were
-taken from it, and for each buffered sample where it came from (shard, ordinal). restore() rebuilds
-the buffer by reading those samples again (bytes only, no decoding), so a resumed stream continues
-with exactly the samples an uninterrupted one would have produced.
+Its position is small and exact: the generator state, the shard being read and how far, and for each
+buffered sample where it came from (shard, ordinal, byte offset). restore() rebuilds the buffer by
+reading those samples again (bytes only, no decoding; one seek each in a plain .tar file, so about
+shuffle_buffer samples are read, not the shards they came from), and a resumed stream continues with
+exactly the samples an uninterrupted one would have produced.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from mokd_scale.data.seeds import random_state, set_random_state
-from mokd_scale.data.tar_stream import read_shard
+from mokd_scale.data.tar_stream import OFFSET, read_samples_at, read_shard, seekable
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,10 @@ class ShardSampleStream:
         self.buffer_size = buffer_size
         self.rng = rng
         self.buffer: list[dict] = []
-        self.origins = np.zeros((buffer_size, 2), dtype=np.int64)  # (shard, ordinal) of each buffered sample
+        self.origins = np.zeros((buffer_size, 3), dtype=np.int64)  # (shard, ordinal, offset) per buffered sample
         self.shard = NO_SHARD  # the shard being read, NO_SHARD between shards
         self.taken = 0  # samples taken from it so far
+        self.last_offset = 0  # where the last of them starts
         self.reader: Iterator[dict] | None = None
         self.empty_in_a_row = 0
         self.read_errors = 0  # since the last take_read_errors()
@@ -57,7 +59,7 @@ class ShardSampleStream:
         count, self.read_errors = self.read_errors, 0
         return count
 
-    def _next_from_shards(self) -> tuple[tuple[int, int], dict]:
+    def _next_from_shards(self) -> tuple[tuple[int, int, int], dict]:
         while True:
             if self.reader is None:
                 self.shard, self.taken = self.rng.randrange(len(self.urls)), 0
@@ -72,8 +74,8 @@ class ShardSampleStream:
                 log.warning("skipping the rest of shard %s after a read error: %s", self.urls[self.shard], err)
                 self._end_shard()
                 continue
-            origin = (self.shard, self.taken)
-            self.taken += 1
+            origin = (self.shard, self.taken, sample[OFFSET])
+            self.taken, self.last_offset = self.taken + 1, sample[OFFSET]
             return origin, sample
 
     def _end_shard(self) -> None:
@@ -87,7 +89,7 @@ class ShardSampleStream:
     def state(self) -> dict:
         """Plain values and tensors (checkpoints load with torch.load(weights_only=True))."""
         return {"rng": random_state(self.rng), "shard": self.shard, "taken": self.taken,
-                "empty_in_a_row": self.empty_in_a_row,
+                "last_offset": self.last_offset, "empty_in_a_row": self.empty_in_a_row,
                 "origins": torch.from_numpy(self.origins[:len(self.buffer)].copy())}
 
     def restore(self, state: dict) -> None:
@@ -100,33 +102,54 @@ class ShardSampleStream:
             log.warning("%d of %d buffered samples could not be read again (shards changed?): the data order "
                         "after this resume differs from an uninterrupted run", len(origins) - len(kept), len(origins))
         self.buffer = [samples[origin] for origin in kept]
-        self.origins[:len(kept)] = np.asarray(kept, dtype=np.int64).reshape(-1, 2)
+        self.origins[:len(kept)] = np.asarray(kept, dtype=np.int64).reshape(-1, 3)
         self.shard, self.taken, self.reader = int(state["shard"]), int(state["taken"]), None
+        self.last_offset = int(state["last_offset"])
         if self.shard != NO_SHARD:
-            self.reader = read_shard(self.urls[self.shard])
             try:
-                for _ in range(self.taken):  # the samples the saved stream had already taken
-                    next(self.reader)
+                self.reader = self._reader_after_last_taken()
             except Exception as err:  # noqa: BLE001 - StopIteration included: the shard changed
                 log.warning("shard %s cannot be read to where the saved stream stood (%s): moving on to the "
                             "next shard", self.urls[self.shard], err)
                 self.reader, self.shard = None, NO_SHARD
 
+    def _reader_after_last_taken(self) -> Iterator[dict]:
+        url = self.urls[self.shard]
+        if seekable(url):
+            reader = read_shard(url, start=self.last_offset)
+            next(reader)  # the last sample taken
+        else:
+            reader = read_shard(url)
+            for _ in range(self.taken):
+                next(reader)
+        return reader
 
-def read_samples(urls: list[str], origins: list[tuple[int, int]]) -> dict[tuple[int, int], dict]:
-    """The samples at (shard, ordinal) origins, each shard read once and only as far as needed."""
-    wanted: dict[int, set[int]] = defaultdict(set)
-    for shard, ordinal in origins:
-        wanted[shard].add(ordinal)
+
+def read_samples(urls: list[str], origins: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], dict]:
+    """The samples at the given origins, reading each shard once: at their offsets in a plain .tar
+    file, else in order and only as far as needed."""
+    wanted: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
+    for origin in origins:
+        wanted[origin[0]].append(origin)
     found = {}
-    for shard, ordinals in wanted.items():
-        last = max(ordinals)
+    for shard, shard_origins in wanted.items():
         try:
-            for ordinal, sample in enumerate(read_shard(urls[shard])):
-                if ordinal in ordinals:
-                    found[(shard, ordinal)] = sample
-                if ordinal == last:
-                    break
+            if seekable(urls[shard]):
+                at = read_samples_at(urls[shard], [offset for _, _, offset in shard_origins])
+                found.update({origin: at[origin[2]] for origin in shard_origins if origin[2] in at})
+            else:
+                found.update(read_in_order(urls[shard], shard_origins))
         except Exception as err:  # noqa: BLE001 - reported as missing samples by the caller
             log.warning("re-reading shard %s for a resume failed: %s", urls[shard], err)
+    return found
+
+
+def read_in_order(url: str, origins: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], dict]:
+    by_ordinal = {origin[1]: origin for origin in origins}
+    found, last = {}, max(by_ordinal)
+    for ordinal, sample in enumerate(read_shard(url)):
+        if ordinal in by_ordinal:
+            found[by_ordinal[ordinal]] = sample
+        if ordinal == last:
+            break
     return found
