@@ -1,6 +1,6 @@
 # The two commands a newcomer runs (see README.md): `make demo` and `make test`.
-# Both create .venv/ when it is missing and install the pinned dependencies once;
-# stamp files make a second run install nothing.
+# Both create .venv/ when it is missing and install the dependencies once, at the exact versions of
+# constraints.txt (setup.py only states the supported ranges); stamp files make a second run install nothing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,9 +17,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(STAMP) $(WARM)
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
 	touch $(STAMP)
 
 $(WARM): $(STAMP)
@@ -33,7 +33,7 @@ fashion-mnist:
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist)
 
 demo: setup fashion-mnist
-	$(PY) tools/demo.py
+	$(PY) -m mokd_scale.tools.demo
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests

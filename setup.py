@@ -1,21 +1,27 @@
-"""mokd_scale: Multi-Mode Online Knowledge Distillation at cluster scale."""
+"""mokd_scale: Multi-Mode Online Knowledge Distillation at cluster scale.
+
+install_requires states the versions the package supports; constraints.txt pins the exact
+environment that `make` installs and the tests ran with.
+"""
 from setuptools import find_packages, setup
 
+# Lower bounds: the oldest release with every API the package calls; docs/design.md (section 5) says
+# which were tested and why each sits where it does. Upper bounds: the next major release.
 RUNTIME = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
-    "deepspeed==0.19.8",
-    "timm==1.0.31",
-    "webdataset==1.0.2",
-    "pyyaml==6.0.3",
-    "tensorboard==2.21.0",
-    "safetensors==0.8.0",
+    "torch>=2.4,<3",
+    "torchvision>=0.19,<1",
+    "deepspeed>=0.16,<1",
+    "timm>=1.0.21,<2",
+    "webdataset>=0.2.86,<2",
+    "pyyaml>=6.0,<7",
+    "tensorboard>=2.14,<3",
+    "safetensors>=0.4.3,<1",
 ]
 EXTRAS = {
     # The demo's plot of loss terms and k-NN accuracy.
-    "demo": ["matplotlib==3.11.2"],
+    "demo": ["matplotlib>=3.7"],
     # scikit-image ships the real photos the ImageNet-shaped test fixture is built from.
-    "test": ["pytest==9.2.0", "scikit-image==0.26.0", "matplotlib==3.11.2"],
+    "test": ["pytest>=7.4", "scikit-image>=0.21", "matplotlib>=3.7"],
 }
 
 setup(
@@ -24,8 +30,20 @@ setup(
     description="Multi-Mode Online Knowledge Distillation (CVPR 2023) with DeepSpeed, WebDataset and Slurm",
     python_requires=">=3.10",
     packages=find_packages(include=["mokd_scale", "mokd_scale.*"]),
-    package_data={"mokd_scale": ["configs/*.yaml"]},
+    # ds_configs/ inside the package is a link to the repository's top-level ds_configs/; building a
+    # wheel copies the files it points at, so an installed package carries the DeepSpeed JSONs.
+    package_data={"mokd_scale": ["configs/*.yaml", "ds_configs/*.json"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["mokd-train = mokd_scale.train:main"]},
+    entry_points={"console_scripts": [
+        "mokd-train = mokd_scale.train:main",
+        "mokd-shards = mokd_scale.tools.make_shards:main",
+        "mokd-eval-knn = mokd_scale.tools.eval_knn:main",
+        "mokd-eval-linear = mokd_scale.tools.eval_linear:main",
+        "mokd-export = mokd_scale.tools.export:main",
+        "mokd-bench = mokd_scale.tools.bench.main:main",
+        "mokd-demo = mokd_scale.tools.demo:main",
+        "mokd-fashion-mnist = mokd_scale.tools.prepare_fashion_mnist:main",
+        "mokd-plot = mokd_scale.tools.plot_metrics:main",
+    ]},
 )

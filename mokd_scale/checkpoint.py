@@ -1,4 +1,4 @@
-"""Save / verify / resume / prune / read. A checkpoint is whole or absent (DESIGN.md invariant 6).
+"""Save / verify / resume / prune / read. A checkpoint is whole or absent (docs/design.md, invariant 6).
 
 Layout of OUTPUT/checkpoints/:
     latest                       the newest complete tag; written last, by atomic rename
@@ -335,7 +335,6 @@ def restore(tag_dir: Path, learners: dict, state: dict, plans: dict[str, str]) -
     saved = torch.load(rank_file, map_location="cpu", weights_only=True)
     restore_rng(saved["rng"])
     return saved.get("data")
-
 
 def universal_dir_name(name: str) -> str:
     return f"{name}_universal"

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The repository's top-level ds_configs/: a link in a checkout, a copy inside an installed wheel.
+DEEPSPEED_DIR = Path(__file__).parent / "ds_configs"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -79,12 +81,17 @@ class NetworkConfig:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum: float = 0.9  # SGD / LARS
+    clip_grad: float = 3.0  # 0: no clipping
+    clip_mode: str = "per_tensor"  # per_tensor (each tensor's gradient norm <= clip_grad) | global (one norm)
+    warmup_teacher_temperature_epochs: int = 30  # teacher temperature warm-up of this network's loss terms
+    search_head_schedule: str = "own"  # own | partner (the search head follows the partner's lr and decay)
     deepspeed: str = "ds_configs/zero2_bf16.json"
     precision: str = "auto"  # auto | bf16 | fp32
     grad_checkpointing: bool = False
-    drop_path_rate: float = 0.1
-    freeze_weight_norm_scale: bool = True
-    use_bn_in_head: bool = False
+    drop_path_rate: float = 0.1  # students only: teachers never drop paths
+    proj_freeze_scale: bool = True  # freeze the projection head's weight-norm scale (DINO's norm_last_layer)
+    proj_batchnorm: bool = False  # BatchNorm in the projection head's hidden layers
+    search_freeze_scale: bool = False  # freeze the search head's weight-norm scale
 
 
 @dataclass(frozen=True)
@@ -95,16 +102,17 @@ class NetworksConfig:
 
 @dataclass(frozen=True)
 class MokdConfig:
+    mode: str = "mokd"  # mokd | independent (each network alone with DINO: no search heads, no cross terms)
     out_dim: int = 65536
     proj_hidden_dim: int = 2048
     proj_bottleneck_dim: int = 256
     search_depth: int = 3
     search_dim: int = 0  # 0: the ViT's embed dim of the pair
     search_head_dim: int = 64
+    search_l2_normalize: bool = False  # L2-normalise the pooled search feature before its last layer
     student_temperature: float = 0.1
     teacher_temperature: float = 0.07
     warmup_teacher_temperature: float = 0.04
-    warmup_teacher_temperature_epochs: float = 30.0
     center_momentum: float = 0.9
     teacher_momentum: float = 0.996
     teacher_momentum_end: float = 1.0
@@ -147,6 +155,28 @@ def recipe_path(name_or_path: str) -> Path:
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"unknown recipe {name_or_path!r}: use one of {names} or a path to a .yaml file")
     return packaged
+
+
+def add_set_argument(parser, what: str = "recipe fields") -> None:
+    """`--set KEY=VALUE ...`, spelled and parsed the same in every command that reads a recipe
+    (several pairs after one --set, and --set may repeat)."""
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help=f"override {what}, e.g. --set train.steps=100 networks.a.lr=3e-4")
+
+
+def deepspeed_json_path(name: str) -> Path:
+    """networks.X.deepspeed -> the JSON file: the path as given (absolute, or relative to the working
+    directory) if it exists, else the packaged file of that name, so `ds_configs/zero2_bf16.json`
+    works from any directory and from an installed wheel."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = DEEPSPEED_DIR / path.name
+    if not path.is_absolute() and path.parent in (Path("."), Path("ds_configs")) and packaged.is_file():
+        return packaged
+    names = sorted(f"ds_configs/{p.name}" for p in DEEPSPEED_DIR.glob("*.json"))
+    raise ConfigError(f"DeepSpeed config {name!r} not found (networks.X.deepspeed): give a path to a JSON "
+                      f"file or one of the packaged {names}")
 
 
 def load_config(name_or_path: str, overrides: typing.Sequence[str] = ()) -> Config:
@@ -275,7 +305,7 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if data.source not in ("shards", "synthetic"):
         raise ConfigError(f"data.source must be 'shards' or 'synthetic', got {data.source!r}")
     if data.source == "shards" and not data.train_shards:
-        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from tools/make_shards.py "
+        raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from mokd-shards "
                           "(or use data.source=synthetic)")
     if data.local_crop_size >= data.global_crop_size:
         raise ConfigError(f"data.local_crop_size ({data.local_crop_size}) must be smaller than "
@@ -293,7 +323,9 @@ def validate(config: Config, world_size: int | None = None) -> None:
                           f"train.global_batch_size ({train.global_batch_size})")
     if train.knn_every and not data.val_shards:
         raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
-                          "data.train_shards) pointing at shards from tools/make_shards.py")
+                          "data.train_shards) pointing at shards from mokd-shards")
+    if config.mokd.mode not in ("mokd", "independent"):
+        raise ConfigError(f"mokd.mode must be mokd or independent, got {config.mokd.mode!r}")
     for key in ("a", "b"):
         validate_network(getattr(config.networks, key), f"networks.{key}")
     if world_size is not None:
@@ -301,10 +333,15 @@ def validate(config: Config, world_size: int | None = None) -> None:
 
 
 def validate_network(net: NetworkConfig, key: str) -> None:
-    if net.optimizer not in ("adamw", "sgd", "lars"):
-        raise ConfigError(f"{key}.optimizer must be adamw, sgd or lars, got {net.optimizer!r}")
-    if net.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"{key}.precision must be auto, bf16 or fp32, got {net.precision!r}")
+    for name, allowed in (("optimizer", ("adamw", "sgd", "lars")), ("precision", ("auto", "bf16", "fp32")),
+                          ("clip_mode", ("per_tensor", "global")), ("search_head_schedule", ("own", "partner"))):
+        if getattr(net, name) not in allowed:
+            raise ConfigError(f"{key}.{name} must be one of {', '.join(allowed)}, got {getattr(net, name)!r}")
+    if net.clip_grad < 0:
+        raise ConfigError(f"{key}.clip_grad must be >= 0 (0 disables clipping), got {net.clip_grad}")
+    if net.warmup_teacher_temperature_epochs < 0:
+        raise ConfigError(f"{key}.warmup_teacher_temperature_epochs must be >= 0, "
+                          f"got {net.warmup_teacher_temperature_epochs}")
     if not net.deepspeed:
         raise ConfigError(f"{key}.deepspeed must name a DeepSpeed JSON (see ds_configs/)")
 
@@ -320,10 +357,14 @@ def validate_world_size(config: Config, world_size: int) -> None:
 
 
 def gradient_accumulation_steps(config: Config, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step: the one place the global batch is split (DeepSpeed's
+    gradient_accumulation_steps, the loader's and the synthetic source's batch layout all use it)."""
+    validate_world_size(config, world_size)
     return config.train.global_batch_size // (world_size * config.train.micro_batch_size)
 
 
 def steps_per_epoch(config: Config) -> int:
+    """Optimizer steps per "epoch" of data.samples_per_epoch images (schedules and loader re-seeding)."""
     return max(1, config.data.samples_per_epoch // config.train.global_batch_size)
 
 

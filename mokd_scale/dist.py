@@ -33,7 +33,8 @@ class DistInfo:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Expand Slurm's compressed host list: `gpu[001-003,010],cpu7` → gpu001 gpu002 gpu003 gpu010 cpu7."""
+    """Expand Slurm's compressed host list: `gpu[001-003,010],cpu7` → gpu001 gpu002 gpu003 gpu010 cpu7.
+    The job script asks `scontrol show hostnames` instead; this is for srun without it (tested to agree)."""
     hosts: list[str] = []
     for item in split_top_level(nodelist):
         match = re.fullmatch(r"([^\[\]]*)\[([^\]]+)\](.*)", item)

@@ -3,6 +3,11 @@
 Biases and norm parameters (groups without weight decay) get plain SGD with momentum,
 as is usual for self-supervised ResNet training; other tensors scale the update by
 trust_coefficient · ‖w‖ / ‖g + wd·w‖.
+
+Not timm.optim.Lars: timm divides by ‖g‖ + wd·‖w‖ (the LARS paper's bound, never smaller than
+‖g + wd·w‖), so its steps are shorter whenever g and w are not aligned, and it decides adaptation
+by the group's current weight decay rather than by the group's kind. The rule here is the one the
+MOKD/DINO/BYOL line of work trains ResNets with.
 """
 from __future__ import annotations
 

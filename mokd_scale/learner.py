@@ -1,12 +1,10 @@
 """One MOKD network: its student inside a DeepSpeed engine, its fp32 EMA teacher, its centres.
 
 The teacher lives outside the engine on purpose: DeepSpeed would cast it to bf16, and a
-bf16 EMA loses the (1 - m)·Δ increment when m is close to 1 (DESIGN.md invariant 4).
+bf16 EMA loses the (1 - m)·Δ increment when m is close to 1 (docs/design.md, invariant 4).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 from pathlib import Path
 
@@ -14,14 +12,15 @@ import deepspeed
 import torch
 from torch import nn
 
-from mokd_scale.config import Config, NetworkConfig, gradient_accumulation_steps
+from mokd_scale.config import Config, NetworkConfig, deepspeed_json_path, gradient_accumulation_steps
 from mokd_scale.lars import LARS
+from mokd_scale.ema import TeacherEMA
+from mokd_scale.gradients import GradientGate
 from mokd_scale.losses import Centers
 from mokd_scale.models import MokdNetwork, build_network
 
 LAST_LAYER = "last_layer"
 BACKBONE_AND_HEADS = "regular"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -35,26 +34,39 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def parameter_groups(student: MokdNetwork) -> list[dict]:
-    """Tagged groups: DeepSpeed drops empty groups, so groups are found by tag, never index."""
+OWN, PARTNER = "own", "partner"
+
+
+def parameter_groups(student: MokdNetwork, search_head_schedule: str = OWN) -> list[dict]:
+    """Tagged groups: DeepSpeed drops empty groups, so groups are found by tag, never index.
+
+    Each parameter gets: whose lr / weight-decay schedule it follows ("schedule": own, or the
+    partner's for the search head when search_head_schedule is "partner"), whether it decays
+    (own schedule: not biases or other 1-D tensors; partner schedule: everything, as the authors'
+    code runs its CNN's search head), and whether it is a last layer ("kind")."""
     last_layer = set(student.last_layer_parameter_names())
     no_decay = set(student.no_weight_decay_parameter_names())
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[str, str, bool], list[nn.Parameter]] = {}
     for name, param in student.named_parameters():
         if not param.requires_grad:
             continue
-        key = (LAST_LAYER if name in last_layer else BACKBONE_AND_HEADS, name not in no_decay)
-        groups.setdefault(key, []).append(param)
-    return [{"params": params, "name": f"{kind}{'' if decays else '_no_decay'}", "kind": kind,
-             "apply_weight_decay": decays, "weight_decay": 0.0}
-            for (kind, decays), params in sorted(groups.items()) if params]
+        schedule = PARTNER if search_head_schedule == PARTNER and name.startswith("search_head.") else OWN
+        decays = schedule == PARTNER or name not in no_decay
+        kind = LAST_LAYER if name in last_layer else BACKBONE_AND_HEADS
+        groups.setdefault((schedule, kind, decays), []).append(param)
+    return [{"params": params, "name": f"{schedule}_{kind}{'' if decays else '_no_decay'}", "kind": kind,
+             "schedule": schedule, "apply_weight_decay": decays, "weight_decay": 0.0}
+            for (schedule, kind, decays), params in sorted(groups.items())]
 
 
 def build_optimizer(net: NetworkConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """Multi-tensor implementations: on CUDA the fused kernels, elsewhere foreach (one launch per
+    group rather than one per tensor)."""
+    fast = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
     if net.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999))
+        return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), **fast)
     if net.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=net.momentum)
+        return torch.optim.SGD(groups, lr=0.0, momentum=net.momentum, **fast)
     return LARS(groups, lr=0.0, momentum=net.momentum)
 
 
@@ -70,18 +82,16 @@ def deepspeed_config(net: NetworkConfig, config: Config, world_size: int, dtype:
     ds["gradient_accumulation_steps"] = accumulation
     ds["train_batch_size"] = config.train.micro_batch_size * accumulation * world_size
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
-    ds.setdefault("gradient_clipping", 3.0)
+    # The recipe owns clipping: per-tensor clipping happens in GradientGate, so DeepSpeed's global
+    # clipping is off then; `global` mode hands the threshold to DeepSpeed.
+    ds["gradient_clipping"] = net.clip_grad if net.clip_mode == "global" else 0.0
     if load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds
 
 
 def read_deepspeed_json(net: NetworkConfig) -> dict:
-    path = Path(net.deepspeed)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {net.deepspeed!r} not found (networks.X.deepspeed; see ds_configs/)")
+    path = deepspeed_json_path(net.deepspeed)
     return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
 
 
@@ -98,29 +108,29 @@ class Learner:
         self.net_cfg: NetworkConfig = getattr(config.networks, name)
         self.dtype = resolve_precision(self.net_cfg.precision, device)
         self.device = device
-        student = build_network(self.net_cfg, config.mokd, search_dim)
+        student = build_network(config, name, search_dim=search_dim)
         if initial_weights is not None:  # a resume that cannot load the engine's own shards
             student.load_state_dict(initial_weights)
+        teacher = make_teacher(config, name, student, search_dim)
         if device.type == "cuda" and world_size > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        student.to(device)
-        self.teacher = self.make_teacher(student)
+            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        self.teacher = teacher.to(device)
         self.ds_config = deepspeed_config(self.net_cfg, config, world_size, self.dtype, load_universal)
-        optimizer = build_optimizer(self.net_cfg, parameter_groups(student))
-        self.engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer,
+        groups = parameter_groups(student, self.net_cfg.search_head_schedule)
+        # Before DeepSpeed swaps each group's parameters for its flat fp32 partition, in the same dicts.
+        group_params = [list(group["params"]) for group in groups]
+        optimizer = build_optimizer(self.net_cfg, groups)
+        self.engine, _, _, _ = deepspeed.initialize(model=student.to(device), optimizer=optimizer,
                                                     config=self.ds_config)
         if self.dtype == torch.bfloat16:
             match_buffers_to_parameters(self.engine.module)
-        self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum).to(device)
         self.zero_stage = self.engine.zero_optimization_stage()
-
-    @staticmethod
-    def make_teacher(student: nn.Module) -> nn.Module:
-        """Same weights as the student at step 0 (DINO), fp32, never touched by an optimizer."""
-        teacher = copy.deepcopy(student).float()
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        return teacher
+        self.gradients = GradientGate(optimizer, group_params, self.net_cfg.clip_grad,
+                                      self.net_cfg.clip_mode == "per_tensor", LAST_LAYER, self.engine.optimizer)
+        self.ema = TeacherEMA(self.teacher, self.engine.module, self.zero_stage)
+        self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum,
+                               with_search=config.mokd.mode == "mokd").to(device)
 
     @property
     def student(self) -> nn.Module:
@@ -146,29 +156,40 @@ class Learner:
         if path is None:
             raise FileNotFoundError(f"checkpoint {tag_dir} has no engine state for network {self.name}")
 
-    def apply_schedule(self, lr: float, weight_decay: float, last_layer_frozen: bool) -> None:
-        """Write this step's lr / wd into the engine's groups (ZeRO passes them through)."""
+    def apply_schedule(self, values: dict[str, float], partner: str, last_layer_frozen: bool) -> None:
+        """Write this step's lr / wd into the engine's groups (ZeRO passes them through) and tell the
+        gradient gate whether the last layer is frozen."""
         for group in self.engine.optimizer.param_groups:
-            frozen = last_layer_frozen and group.get("kind") == LAST_LAYER
-            group["lr"] = 0.0 if frozen else lr
-            group["weight_decay"] = weight_decay if group.get("apply_weight_decay") else 0.0
+            owner = partner if group.get("schedule") == PARTNER else self.name
+            group["lr"] = values[f"lr.{owner}"]
+            group["weight_decay"] = values[f"wd.{owner}"] if group.get("apply_weight_decay") else 0.0
+        self.gradients.begin_step(freeze_last_layer=last_layer_frozen)
+
+    def step(self) -> None:
+        """engine.step() after a micro-batch's backward; at the accumulation boundary it updates.
+        DeepSpeed may itself skip an update on an overflow (fp32 ZeRO): that counts as non-finite."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary and not self.gradients.ran:
+            self.gradients.non_finite = True
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """θ_t ← m·θ_t + (1 − m)·θ_s over all student parameters, in fp32."""
-        teacher_params = dict(self.teacher.named_parameters())
-        for child_name, child in self.student.named_children():
-            named = list(child.named_parameters())
-            # One gather per part (backbone, heads) rather than one collective per tensor.
-            with gathered([param for _, param in named], self.zero_stage):
-                targets = [teacher_params[f"{child_name}.{name}"] for name, _ in named]
-                sources = [param.detach().float() for _, param in named]
-                torch._foreach_mul_(targets, momentum)
-                torch._foreach_add_(targets, sources, alpha=1.0 - momentum)
+        self.ema.update(momentum)
 
-    def global_grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+
+def make_teacher(config: Config, name: str, student: nn.Module, search_dim: int) -> nn.Module:
+    """The student's weights at step 0 (DINO), fp32, never touched by an optimizer, and built
+    without stochastic depth: a teacher's targets and centres must not be random."""
+    with torch.device("meta"):  # no random init to throw away: the weights come from the student
+        teacher = build_network(config, name, teacher=True, search_dim=search_dim)
+    teacher = teacher.to_empty(device=next(student.parameters()).device)
+    teacher.load_state_dict(student.state_dict())
+    for buffer_name, buffer in student.named_buffers():  # non-persistent buffers are not in a state_dict
+        teacher.get_buffer(buffer_name).copy_(buffer)
+    teacher.float().requires_grad_(False)
+    return teacher
 
 
 def match_buffers_to_parameters(module: nn.Module) -> None:
@@ -180,8 +201,3 @@ def match_buffers_to_parameters(module: nn.Module) -> None:
             buffer.data = buffer.data.to(torch.bfloat16)
 
 
-def gathered(params: list[nn.Parameter], zero_stage: int):
-    """Under ZeRO-3 each rank holds a shard of a parameter: gather to read whole tensors."""
-    if zero_stage == 3:
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    return contextlib.nullcontext()

@@ -9,6 +9,8 @@ For network X with partner Y (both see the same crops: 2 globals first, then N l
         query = detached X-student summary of that local crop; no centre
   L_X = L_sm + L_st + lambda_X * (L_cm + L_ct)
 
+In `independent` mode (plain DINO, the paper's baseline) only L_sm remains: L_X = L_sm.
+
 Pairing. L_sm, L_st and L_cm average over every (teacher global view i, student view v)
 with v != i: v == i is the same crop seen by both sides, for the partner's teacher as well
 as X's own, because both networks get identical crops. That is 2*(2+N) - 2 pairs. L_ct pairs
@@ -18,6 +20,9 @@ depend on global crop 1 of the teacher side only; global crop 2 never enters L_c
 Gradients reach X's student only: teachers run under no_grad, queries are detached, and
 every target is a detached fp32 tensor. This matters beyond correctness: a loss touching
 both DeepSpeed engines would fire the other engine's gradient hooks.
+
+Tensors of views are shaped (views, batch, ...): one softmax, one log-softmax and one search-head
+forward cover all views at once.
 """
 from __future__ import annotations
 
@@ -30,26 +35,35 @@ from torch import nn
 from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy
 from mokd_scale.profiling import phase
 
+MOKD_TERMS = ("self_proj", "self_search", "cross_proj", "cross_search")
+INDEPENDENT_TERMS = ("self_proj",)
+
 
 class TeacherOutputs(NamedTuple):
-    """fp32, detached. proj / search: one (B, K) tensor per global crop (no query)."""
-    proj: tuple[torch.Tensor, ...]
-    search: tuple[torch.Tensor, ...]
-    global1_search_tokens: torch.Tensor  # (B, N, D): search-head input of global crop 1
+    """fp32, detached. Search fields are None without a search head (independent mode)."""
+    proj: torch.Tensor  # (2, B, K), one view per global crop
+    search: torch.Tensor | None  # (2, B, K), no query
+    global1_search_tokens: torch.Tensor | None  # (B, N, D): search-head input of global crop 1
 
 
 class StudentOutputs(NamedTuple):
-    proj: list[torch.Tensor]  # one (B, K) per crop, in crop order
-    search: list[torch.Tensor]
-    local_queries: list[torch.Tensor]  # detached (B, D) summaries of the local crops
+    proj: torch.Tensor  # (views, B, K) in crop order, fp32
+    search: torch.Tensor | None  # (views, B, K)
+    local_queries: torch.Tensor | None  # (local views, B, D), detached summaries of the local crops
 
 
 class LossTerms(NamedTuple):
+    """fp32 scalars; a term absent in independent mode is None. `total` has a graph into X's student."""
     self_proj: torch.Tensor
-    self_search: torch.Tensor
-    cross_proj: torch.Tensor
-    cross_search: torch.Tensor
+    self_search: torch.Tensor | None
+    cross_proj: torch.Tensor | None
+    cross_search: torch.Tensor | None
     total: torch.Tensor
+
+
+def loss_terms(mode: str) -> tuple[str, ...]:
+    """The terms a mode computes, in logging order."""
+    return MOKD_TERMS if mode == "mokd" else INDEPENDENT_TERMS
 
 
 def compute_context(device: torch.device, compute_dtype: torch.dtype | None):
@@ -79,11 +93,18 @@ def split_crops(crops: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list
 
 
 def run_batched(network: nn.Module, views: list[torch.Tensor], compute_dtype):
-    """One forward over same-size views concatenated along the batch; returns per-view chunks."""
+    """One forward over same-size views concatenated along the batch."""
     images = torch.cat(views).to(parameter_dtype(network))
     with compute_context(images.device, compute_dtype):
-        output = network(images)
-    return output, len(views)
+        return network(images)
+
+
+def by_view(tensors: Sequence[torch.Tensor | None], batch: int) -> torch.Tensor | None:
+    """Batches of views (n_i * B, ...) -> one fp32 tensor (sum n_i, B, ...); None stays None."""
+    if tensors[0] is None:
+        return None
+    joined = torch.cat(list(tensors)) if len(tensors) > 1 else tensors[0]
+    return joined.float().view(-1, batch, *joined.shape[1:])
 
 
 @torch.no_grad()
@@ -92,54 +113,58 @@ def teacher_forward(teacher: nn.Module, global_crops: Sequence[torch.Tensor],
     """The teacher's targets for one micro-batch; feed proj/search to Centers.accumulate()."""
     if len(global_crops) != 2:
         raise ValueError(f"teacher_forward takes the 2 global crops, got {len(global_crops)}")
-    output, views = run_batched(teacher, list(global_crops), compute_dtype)
+    output = run_batched(teacher, list(global_crops), compute_dtype)
     batch = global_crops[0].shape[0]
-    return TeacherOutputs(
-        proj=tuple(output.proj.float().chunk(views)),
-        search=tuple(output.search.float().chunk(views)),
-        global1_search_tokens=output.search_tokens[:batch].float(),
-    )
+    tokens = output.search_tokens
+    return TeacherOutputs(proj=by_view([output.proj], batch), search=by_view([output.search], batch),
+                          global1_search_tokens=None if tokens is None else tokens[:batch].float())
 
 
 def student_forward(student: nn.Module, crops: Sequence[torch.Tensor], compute_dtype=None) -> StudentOutputs:
     """Globals in one batch and locals in another (each size is one forward)."""
     globals_, locals_ = split_crops(crops)
-    global_out, n_global = run_batched(student, globals_, compute_dtype)
-    local_out, n_local = run_batched(student, locals_, compute_dtype)
-    return StudentOutputs(
-        proj=[*global_out.proj.float().chunk(n_global), *local_out.proj.float().chunk(n_local)],
-        search=[*global_out.search.float().chunk(n_global), *local_out.search.float().chunk(n_local)],
-        local_queries=[query.detach() for query in local_out.summary.chunk(n_local)],
-    )
+    batch = crops[0].shape[0]
+    global_out = run_batched(student, globals_, compute_dtype)
+    local_out = run_batched(student, locals_, compute_dtype)
+    queries = None if local_out.summary is None else local_out.summary.detach().view(-1, batch,
+                                                                                        local_out.summary.shape[-1])
+    return StudentOutputs(proj=by_view([global_out.proj, local_out.proj], batch),
+                          search=by_view([global_out.search, local_out.search], batch),
+                          local_queries=queries)
 
 
 @torch.no_grad()
-def cross_search_targets(partner_teacher: nn.Module, partner: TeacherOutputs,
-                         queries: Sequence[torch.Tensor], compute_dtype=None) -> list[torch.Tensor]:
-    """Partner teacher's search head on its global-1 tokens, once per query (local crop)."""
+def cross_search_targets(partner_teacher: nn.Module, partner: TeacherOutputs, queries: torch.Tensor,
+                         compute_dtype=None) -> torch.Tensor:
+    """Partner teacher's search head on its global-1 tokens with each local-crop query, all local
+    crops in one forward: (N, B, D) queries -> (N, B, K) fp32 logits."""
     head = partner_teacher.search_head
-    tokens = partner.global1_search_tokens.to(parameter_dtype(head))
-    targets = []
-    for query in queries:
-        with compute_context(tokens.device, compute_dtype):
-            logits = head(tokens, query=query.detach().to(tokens.dtype))
-        targets.append(logits.float())
-    return targets
+    dtype = parameter_dtype(head)
+    tokens = partner.global1_search_tokens.to(dtype)
+    views, batch = queries.shape[0], queries.shape[1]
+    repeated = tokens.unsqueeze(0).expand(views, *tokens.shape).reshape(views * batch, *tokens.shape[1:])
+    with compute_context(tokens.device, compute_dtype):
+        logits = head(repeated, query=queries.reshape(views * batch, -1).to(dtype))
+    return logits.float().view(views, batch, -1)
 
 
 def network_losses(student: nn.Module, crops: Sequence[torch.Tensor], own: TeacherOutputs,
-                   partner: TeacherOutputs, partner_teacher: nn.Module, centers_own: Centers,
-                   centers_partner: Centers, teacher_temperature: float, student_temperature: float,
+                   partner: TeacherOutputs | None, partner_teacher: nn.Module | None, centers_own: Centers,
+                   centers_partner: Centers | None, teacher_temperature: float, student_temperature: float,
                    lambda_cross: float, compute_dtype: torch.dtype | None = None) -> LossTerms:
-    """Network X's four terms and total for one micro-batch (fp32 scalars; total has a graph
-    into X's student only). `student` may be a DeepSpeed engine wrapping the MokdNetwork."""
+    """Network X's terms and total for one micro-batch. `student` may be a DeepSpeed engine wrapping
+    the MokdNetwork. Without a partner (partner=None: independent mode) only L_sm is computed."""
     with phase("student_forward"):
         student_out = student_forward(student, crops, compute_dtype)
+    temps = (teacher_temperature, student_temperature)
+    if partner is None:
+        with phase("losses"):
+            self_proj = dino_cross_entropy(student_out.proj, own.proj, *temps, center=centers_own.proj)
+        return LossTerms(self_proj, None, None, None, self_proj)
     with phase("cross_search_targets"):
         targets = cross_search_targets(partner_teacher, partner, student_out.local_queries, compute_dtype)
     with phase("losses"):
-        temps = (teacher_temperature, student_temperature)
-        num_global = len(own.proj)
+        num_global = own.proj.shape[0]
         self_proj = dino_cross_entropy(student_out.proj, own.proj, *temps, center=centers_own.proj)
         self_search = dino_cross_entropy(student_out.search, own.search, *temps, center=centers_own.search)
         cross_proj = dino_cross_entropy(student_out.proj, partner.proj, *temps, center=centers_partner.proj)

@@ -15,24 +15,27 @@ from mokd_scale.config import Config, NetworkConfig, steps_per_epoch
 
 
 def cosine(start: float, end: float, steps: int) -> np.ndarray:
-    """Half-cosine from start (step 0) to end (last step)."""
-    if steps <= 0:
-        return np.zeros(0)
-    t = np.arange(steps) / max(1, steps - 1)
+    """Half-cosine from start (step 0) towards end, DINO's shape: step i of n is
+    end + (start - end) * (1 + cos(pi * i / n)) / 2, so the last step is just short of end."""
+    t = np.arange(max(steps, 0)) / max(steps, 1)
     return end + 0.5 * (start - end) * (1 + np.cos(np.pi * t))
 
 
-def warmup_then_cosine(peak: float, final: float, total_steps: int, warmup_steps: int,
-                       warmup_start: float = 0.0) -> np.ndarray:
+def warmup_then_cosine(peak: float, final: float, total_steps: int, warmup_steps: int) -> np.ndarray:
+    """Linear warm-up from 0 to peak (both ends included, as DINO), then cosine(peak, final)."""
     warmup_steps = min(warmup_steps, total_steps)
-    warmup = np.linspace(warmup_start, peak, warmup_steps, endpoint=False)
-    return np.concatenate([warmup, cosine(peak, final, total_steps - warmup_steps)])
+    return np.concatenate([np.linspace(0.0, peak, warmup_steps), cosine(peak, final, total_steps - warmup_steps)])
 
 
-def warmup_then_constant(start: float, final: float, total_steps: int, warmup_steps: int) -> np.ndarray:
-    warmup_steps = min(warmup_steps, total_steps)
-    warmup = np.linspace(start, final, warmup_steps, endpoint=False)
-    return np.concatenate([warmup, np.full(total_steps - warmup_steps, final)])
+def epoch_warmup(start: float, final: float, warmup_epochs: int, steps_per_epoch: int, total_steps: int) -> np.ndarray:
+    """Constant within an epoch: epoch e < warmup_epochs takes the e-th of warmup_epochs evenly spaced
+    values from start to final (both included), later epochs take final. This is how DINO and the
+    authors warm the teacher temperature up."""
+    epochs = np.arange(total_steps) // max(steps_per_epoch, 1)
+    if warmup_epochs < 1:
+        return np.full(total_steps, float(final))
+    per_epoch = np.linspace(start, final, warmup_epochs)
+    return np.where(epochs < warmup_epochs, per_epoch[np.minimum(epochs, warmup_epochs - 1)], final)
 
 
 def epochs_to_steps(epochs: float, config: Config) -> int:
@@ -43,13 +46,13 @@ def epochs_to_steps(epochs: float, config: Config) -> int:
 class NetworkSchedule:
     lr: np.ndarray
     weight_decay: np.ndarray
+    teacher_temperature: np.ndarray  # of this network's loss terms
 
 
 @dataclass(frozen=True)
 class Schedules:
     networks: dict[str, NetworkSchedule]
     teacher_momentum: np.ndarray
-    teacher_temperature: np.ndarray
     freeze_last_layer_steps: int
 
     @staticmethod
@@ -58,19 +61,16 @@ class Schedules:
         mokd = config.mokd
         networks = {name: network_schedule(getattr(config.networks, name), config) for name in ("a", "b")}
         momentum = cosine(mokd.teacher_momentum, mokd.teacher_momentum_end, total)
-        temperature = warmup_then_constant(mokd.warmup_teacher_temperature, mokd.teacher_temperature, total,
-                                           epochs_to_steps(mokd.warmup_teacher_temperature_epochs, config))
-        return Schedules(networks, momentum, temperature,
-                         epochs_to_steps(config.train.freeze_last_layer_epochs, config))
+        return Schedules(networks, momentum, epochs_to_steps(config.train.freeze_last_layer_epochs, config))
 
     def at(self, step: int) -> dict[str, float]:
         """All values for one step (clamped to the last step), flat, for logging."""
         i = min(step, len(self.teacher_momentum) - 1)
-        values = {"teacher_momentum": float(self.teacher_momentum[i]),
-                  "teacher_temperature": float(self.teacher_temperature[i])}
+        values = {"teacher_momentum": float(self.teacher_momentum[i])}
         for name, schedule in self.networks.items():
             values[f"lr.{name}"] = float(schedule.lr[i])
             values[f"wd.{name}"] = float(schedule.weight_decay[i])
+            values[f"teacher_temperature.{name}"] = float(schedule.teacher_temperature[i])
         return values
 
     def last_layer_frozen(self, step: int) -> bool:
@@ -82,4 +82,7 @@ def network_schedule(net: NetworkConfig, config: Config) -> NetworkSchedule:
     scale = config.train.global_batch_size / 256.0  # linear scaling rule
     lr = warmup_then_cosine(net.lr * scale, net.min_lr, total, epochs_to_steps(config.train.warmup_epochs, config))
     weight_decay = cosine(net.weight_decay, net.weight_decay_end, total)
-    return NetworkSchedule(lr, weight_decay)
+    mokd = config.mokd
+    temperature = epoch_warmup(mokd.warmup_teacher_temperature, mokd.teacher_temperature,
+                               net.warmup_teacher_temperature_epochs, steps_per_epoch(config), total)
+    return NetworkSchedule(lr, weight_decay, temperature)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from mokd_scale import checkpoint, dist, faults
-from mokd_scale.config import Config, ConfigError, load_config, to_dict, validate_world_size, write_config
+from mokd_scale.config import Config, ConfigError, add_set_argument, load_config, to_dict, validate_world_size, write_config
 from mokd_scale.coordinator import Coordinator, NonFiniteLoss
 from mokd_scale.learner import Learner, zero_stage_of
 from mokd_scale.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mokd-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="recipe name (mokd_scale/configs/) or YAML path")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="override recipe fields, e.g. --set train.steps=100 networks.a.lr=3e-4")
+    add_set_argument(parser)
+    parser.add_argument("--out", default=None, help="run folder (checkpoints, metrics); same as --set output_dir=OUT")
     parser.add_argument("--resume", default="auto",
                         help="auto: from OUTPUT/checkpoints/latest when present; none: fresh; or a checkpoint path")
     return parser.parse_args(argv)
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(args.config, [*args.set, *([f"output_dir={args.out}"] if args.out else [])])
         validate_world_size(config, int(dist.launch_env(dict(os.environ))["WORLD_SIZE"]))
     except (ConfigError, FileNotFoundError) as error:
         print(f"mokd-train: config error: {error}", file=sys.stderr)
@@ -208,11 +208,9 @@ class Trainer:
     def loop(self, start: int, end: int) -> int:
         from mokd_scale.data import build_train_loader
         train = self.config.train
-        self.loader = build_train_loader(self.config.data, train.micro_batch_size, train.global_batch_size,
-                                         self.info.rank, self.info.world_size, self.config.seed, start,
-                                         self.data_position)
+        self.loader = build_train_loader(self.config, self.info.rank, self.info.world_size, start, self.data_position)
         batches, accumulation = iter(self.loader), self.loader.micro_batches_per_step
-        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device)
+        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device, self.coordinator.term_names)
         self.log(f"training steps {start}..{end} of {train.steps}; {accumulation} micro-batch(es) of "
                  f"{train.micro_batch_size} per rank per step; data {self.data_resume_note()}")
         step = start

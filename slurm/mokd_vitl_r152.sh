@@ -93,7 +93,7 @@ build_command() {
 
 print_header() {
     say "==== $(date -u +%Y-%m-%dT%H:%M:%SZ) job $SLURM_JOB_ID ($SLURM_JOB_NAME) restart_count=${SLURM_RESTART_COUNT:-0}"
-    say "nodes     ${SLURM_JOB_NUM_NODES:-?}: ${SLURM_JOB_NODELIST:-?}"
+    say "nodes     ${SLURM_JOB_NUM_NODES:-?}: ${SLURM_JOB_NODELIST:-?} (master ${MASTER_ADDR:-from the node list})"
     say "tasks     ${SLURM_NTASKS:-?} (${SLURM_NTASKS_PER_NODE:-?} per node), gpus per node ${SLURM_GPUS_PER_NODE:-none}, cpus per task ${SLURM_CPUS_PER_TASK:-?}"
     say "recipe    $MOKD_RECIPE"
     say "output    $output_dir"
@@ -218,6 +218,10 @@ main() {
         exit 2
     fi
     activate_environment
+    # Rendezvous on the job's first node, as Slurm itself expands its host list (mokd_scale.dist
+    # parses SLURM_JOB_NODELIST only where MASTER_ADDR is unset, e.g. a bare srun).
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
+    if [ -n "$MASTER_ADDR" ]; then export MASTER_ADDR; else unset MASTER_ADDR; fi
     configure
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
     # A collective that outlives train.collective_timeout_s aborts its rank instead of hanging it.

@@ -1,4 +1,4 @@
-"""tools/bench.py step / memory end to end on tiny settings: the JSON has the documented fields and
+"""mokd-bench step / memory end to end on tiny settings: the JSON has the documented fields and
 values that can only come out of a working measurement. No timing assertions (shared CPUs)."""
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
 
 TINY = ["train.micro_batch_size=4", "mokd.out_dim=64", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
         "data.global_crop_size=16", "data.local_crop_size=8", "data.synthetic_image_size=20",
@@ -24,7 +23,7 @@ def run_bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-    done = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), *args, "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "mokd_scale.tools.bench.main", *args, "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(out.read_text())
@@ -77,7 +76,7 @@ def test_memory_bench_zero2_holds_half_the_optimizer_state_of_zero0_on_two_ranks
 
 
 def test_projection_formulas_shard_what_each_stage_shards():
-    from bench_memory import projected_gib
+    from mokd_scale.tools.bench.memory import projected_gib
     gib = 2**30
     psi = gib  # one Gi-parameter network makes the table read in bytes per parameter
     stage0, stage1, stage2, stage3 = (projected_gib(psi, psi, "adamw", s, 8) for s in range(4))
@@ -89,6 +88,13 @@ def test_projection_formulas_shard_what_each_stage_shards():
     assert projected_gib(psi, psi, "sgd", 0, 8)["optimizer_fp32"] == 8
 
 
+def test_data_bench_writes_its_json_with_out_like_the_others(tmp_path):
+    report = run_bench(tmp_path, "data", "--images", "4", "--seconds", "0.1", "--rounds", "1", "--locals", "2")
+    assert report["images"] == 4 and report["local_crops"] == 2
+    assert report["ours_images_per_s"] > 0 and report["reference_images_per_s"] > 0
+    assert report["speedup"] == round(report["ours_images_per_s"] / report["reference_images_per_s"], 2)
+
+
 def test_unknown_command_is_a_usage_error():
-    done = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), "speed"], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), "speed"], capture_output=True, text=True)  # the wrapper
     assert done.returncode == 2 and "step, memory, data" in done.stderr

@@ -60,3 +60,16 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     assert from_dict(raw) == config
     assert load_config(str(tmp_path / "config.yaml")) == config
     assert to_dict(config)["train"]["steps"] == 11
+
+
+def test_deepspeed_json_resolves_from_the_working_directory_then_the_package(tmp_path, monkeypatch):
+    from mokd_scale.config import DEEPSPEED_DIR, deepspeed_json_path
+
+    monkeypatch.chdir(tmp_path)  # no ds_configs/ here: the packaged file answers
+    assert deepspeed_json_path("ds_configs/zero2_bf16.json") == DEEPSPEED_DIR / "zero2_bf16.json"
+    assert deepspeed_json_path("zero2_bf16.json").read_text() == (DEEPSPEED_DIR / "zero2_bf16.json").read_text()
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero2_bf16.json").write_text("{}")  # a user's own copy wins
+    assert deepspeed_json_path("ds_configs/zero2_bf16.json").resolve() == tmp_path / "ds_configs" / "zero2_bf16.json"
+    with pytest.raises(ConfigError, match=r"'my/zero2_bf16.json' not found.*ds_configs/zero3_bf16.json"):
+        deepspeed_json_path("my/zero2_bf16.json")  # another folder: never silently the packaged file

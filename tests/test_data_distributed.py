@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from mokd_scale.data import build_eval_loader, build_train_loader
 from tests.dist_harness import run_on_ranks
-from tests.test_data_pipeline import shard_cfg, tiny_data_cfg, write_photo_shards
+from tests.test_data_pipeline import shard_config, tiny_data_cfg, write_photo_shards
 
 
 def allow_dataloader_workers() -> None:
@@ -27,10 +27,9 @@ def count_train_micro_batches(rank: int, world_size: int, shard_specs: list[str]
     allow_dataloader_workers()
     steps_made = []
     for spec in shard_specs:
-        cfg = shard_cfg(spec, "data.workers=2", "data.samples_per_epoch=16",
-                       "train.global_batch_size=8", "train.micro_batch_size=2")
-        loader = build_train_loader(cfg, micro_batch_size=2, global_batch_size=8, rank=rank,
-                                    world_size=world_size, seed=0)
+        config = shard_config(spec, "data.workers=2", "data.samples_per_epoch=16",
+                              "train.global_batch_size=8", "train.micro_batch_size=2")
+        loader = build_train_loader(config, rank=rank, world_size=world_size)
         batches = iter(loader)
         steps = 2 * loader.steps_per_epoch
         for _ in range(steps):

@@ -69,14 +69,25 @@ def write_photo_shards(folder, num_shards: int, per_shard: int, corrupt: set[tup
     return pattern, str(index), keys
 
 
+def tiny_config(*overrides: str):
+    """tiny_cpu (32/16 px crops, 2 locals) with overrides, e.g. "data.workers=0"."""
+    return load_config("tiny_cpu", ["data.workers=0", *overrides])
+
+
 def tiny_data_cfg(*overrides: str):
-    """tiny_cpu's data section (32/16 px crops, 2 locals) with overrides, e.g. "data.workers=0"."""
-    return load_config("tiny_cpu", ["data.workers=0", *overrides]).data
+    return tiny_config(*overrides).data
+
+
+def batches_of(micro: int, global_batch: int, seed: int = 0) -> list[str]:
+    return [f"train.micro_batch_size={micro}", f"train.global_batch_size={global_batch}", f"seed={seed}"]
+
+
+def shard_config(train_shards: str, *overrides: str):
+    return tiny_config("data.source=shards", f"data.train_shards={train_shards}", "data.shuffle_buffer=4", *overrides)
 
 
 def shard_cfg(train_shards: str, *overrides: str):
-    return tiny_data_cfg("data.source=shards", f"data.train_shards={train_shards}",
-                         "data.shuffle_buffer=4", *overrides)
+    return shard_config(train_shards, *overrides).data
 
 
 # ---------------------------------------------------------------- shard specs
@@ -88,6 +99,14 @@ def test_brace_pattern_and_index_json_resolve_to_the_same_shards(tmp_path):
     assert from_pattern.urls == from_index.urls == [str(tmp_path / "shards" / f"photos-{i:06d}.tar")
                                                      for i in range(3)]
     assert from_pattern.nsamples is None and from_index.nsamples == [2, 2, 2]
+
+
+def test_patterns_join_with_double_colon_and_take_wds_variables(tmp_path, monkeypatch):
+    pattern, _, _ = write_photo_shards(tmp_path / "shards", num_shards=3, per_shard=1)
+    first, rest = str(tmp_path / "shards" / "photos-000000.tar"), pattern.replace("{000000..", "{000001..")
+    assert resolve_shards(f"{first}::{rest}").urls == resolve_shards(pattern).urls
+    monkeypatch.setenv("WDS_SHARDS", str(tmp_path / "shards"))
+    assert resolve_shards("${SHARDS}/photos-{000000..000002}.tar").urls == resolve_shards(pattern).urls
 
 
 def test_index_json_urls_are_relative_to_the_json_folder(tmp_path, monkeypatch):
@@ -222,22 +241,21 @@ def same_batches(a: list[dict], b: list[dict]) -> bool:
 
 def test_train_batches_follow_the_contract(tmp_path):
     _, index, _ = write_photo_shards(tmp_path, num_shards=2, per_shard=4)
-    loader = build_train_loader(shard_cfg(index), 3, 6, rank=0, world_size=2, seed=0)
+    loader = build_train_loader(shard_config(index, *batches_of(3, 6)), rank=0, world_size=2)
     batch = first_batches(loader, 1)[0]
     assert [tuple(c.shape) for c in batch["crops"]] == [(3, 3, 32, 32)] * 2 + [(3, 3, 16, 16)] * 2
     assert batch["label"].shape == (3,) and batch["index"].tolist() == [-1, -1, -1]
     assert batch["skipped"] == 0 and loader.micro_batches_per_step == 1
     assert loader.steps_per_epoch == 10240 // 6  # tiny_cpu: samples_per_epoch 10240
-    resumed = build_train_loader(shard_cfg(index), 3, 6, rank=0, world_size=2, seed=0, start_step=3500)
+    resumed = build_train_loader(shard_config(index, *batches_of(3, 6)), rank=0, world_size=2, start_step=3500)
     assert resumed.dataset.first_epoch == 2
 
 
 def test_train_stream_is_deterministic_per_seed_epoch_rank_worker(tmp_path):
     _, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
-    cfg = shard_cfg(index)
-
-    def batches(rank=0, seed=0, start_step=0, cfg=cfg):
-        return first_batches(build_train_loader(cfg, 2, 4, rank, 2, seed, start_step), 3)
+    def batches(rank=0, seed=0, start_step=0, workers=0):
+        config = shard_config(index, f"data.workers={workers}", *batches_of(2, 4, seed))
+        return first_batches(build_train_loader(config, rank, 2, start_step), 3)
 
     reference = batches()
     assert same_batches(reference, batches())
@@ -245,18 +263,16 @@ def test_train_stream_is_deterministic_per_seed_epoch_rank_worker(tmp_path):
     assert not same_batches(reference, batches(seed=1))
     # A resumed run (start_step) draws fresh samples instead of replaying the first ones.
     assert not same_batches(reference, batches(start_step=5))
-    with_workers = shard_cfg(index, "data.workers=2")
-    two_workers = batches(cfg=with_workers)
-    assert same_batches(two_workers, batches(cfg=with_workers))
+    two_workers = batches(workers=2)
+    assert same_batches(two_workers, batches(workers=2))
     assert not same_batches(two_workers[:1], two_workers[1:2])  # worker 0 and worker 1 differ
 
 
-def continue_after(cfg, position, start_step: int, count: int, rank: int, folder: Path) -> tuple[list[dict], dict]:
-    """Batches of a loader resumed at `position`, through a checkpoint-like save/load round trip."""
+def continue_after(config, position, start_step: int, count: int, folder: Path) -> tuple[list[dict], dict]:
+    """Rank 1's batches of a loader resumed at `position`, through a checkpoint-like save/load."""
     path = folder / "position.pt"
     torch.save(position, path)
-    loader = build_train_loader(cfg, 2, 8, rank, 2, seed=0, start_step=start_step,
-                                position=torch.load(path, weights_only=True))
+    loader = build_train_loader(config, 1, 2, start_step, position=torch.load(path, weights_only=True))
     batches = first_batches(loader, count)
     return batches, loader.state_dict()
 
@@ -268,24 +284,23 @@ def test_a_resumed_loader_continues_every_worker_stream_exactly(tmp_path, access
     Plain .tar files are re-read at the samples' offsets, a pipe: URL from its start."""
     pattern, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
     spec = index if access == "seek" else f"pipe:cat {pattern}"
-    cfg = shard_cfg(spec, "data.workers=2", "data.shuffle_buffer=5", "data.samples_per_epoch=24",
-                    "train.global_batch_size=8", "train.micro_batch_size=2")
-    straight = first_batches(build_train_loader(cfg, 2, 8, 1, 2, seed=0), 9)
+    config = shard_config(spec, "data.workers=2", "data.shuffle_buffer=5", "data.samples_per_epoch=24",
+                          *batches_of(2, 8))
+    straight = first_batches(build_train_loader(config, 1, 2), 9)
     for stop in (1, 2, 4):
-        first = build_train_loader(cfg, 2, 8, 1, 2, seed=0)
+        first = build_train_loader(config, 1, 2)
         consumed = first_batches(first, stop)
-        resumed, position = continue_after(cfg, first.state_dict(), stop // 2, 2, 1, tmp_path)
+        resumed, position = continue_after(config, first.state_dict(), stop // 2, 2, tmp_path)
         assert resumed and same_batches(straight[:stop] + resumed, straight[:stop + 2]), stop
-        again, _ = continue_after(cfg, position, (stop + 2) // 2, 9 - stop - 2, 1, tmp_path)
+        again, _ = continue_after(config, position, (stop + 2) // 2, 9 - stop - 2, tmp_path)
         assert same_batches(consumed + resumed + again, straight), stop
 
 
 def test_a_position_saved_with_other_settings_is_not_replayed(tmp_path, caplog):
     _, index, _ = write_photo_shards(tmp_path, num_shards=2, per_shard=4)
-    two_workers = shard_cfg(index, "data.workers=2")
-    first = build_train_loader(two_workers, 2, 8, 0, 2, seed=0)
+    first = build_train_loader(shard_config(index, "data.workers=2", *batches_of(2, 8)), 0, 2)
     first_batches(first, 1)
-    loader = build_train_loader(shard_cfg(index, "data.workers=1"), 2, 8, 0, 2, seed=0, start_step=1,
+    loader = build_train_loader(shard_config(index, "data.workers=1", *batches_of(2, 8)), 0, 2, 1,
                                 position=first.state_dict())
     assert not loader.dataset.continued and "restart with fresh samples" in caplog.text
 
@@ -308,17 +323,17 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path):
     # One shard, its first sample truncated; shuffle_buffer=1 keeps stream order, so every
     # micro-batch of 4 consumes exactly one pass over the shard, corrupt sample included.
     _, index, _ = write_photo_shards(tmp_path, num_shards=1, per_shard=5, corrupt={(0, 0)})
-    cfg = shard_cfg(index, "data.shuffle_buffer=1", "data.samples_per_epoch=400")
-    batches = first_batches(build_train_loader(cfg, 4, 4, 0, 1, seed=0), 3)
+    config = shard_config(index, "data.shuffle_buffer=1", "data.samples_per_epoch=400", *batches_of(4, 4))
+    batches = first_batches(build_train_loader(config, 0, 1), 3)
     assert [b["skipped"] for b in batches] == [1, 1, 1]
     assert all(b["label"].shape == (4,) for b in batches)
 
 
 def test_a_shard_list_with_no_readable_sample_fails_clearly(tmp_path):
     (tmp_path / "junk-0.tar").write_bytes(b"not a tar file at all" * 10)
-    cfg = shard_cfg(str(tmp_path / "junk-{0..0}.tar"))
+    config = shard_config(str(tmp_path / "junk-{0..0}.tar"), *batches_of(2, 2))
     with pytest.raises(RuntimeError, match="gave no sample"):
-        first_batches(build_train_loader(cfg, 2, 2, 0, 1, seed=0), 1)
+        first_batches(build_train_loader(config, 0, 1), 1)
 
 
 # ---------------------------------------------------------------- synthetic source
@@ -326,8 +341,8 @@ def test_a_shard_list_with_no_readable_sample_fails_clearly(tmp_path):
 def synthetic_global_batch(world_size: int, step: int, cfg, global_batch=8, micro=2) -> dict:
     parts = []
     for rank in range(world_size):
-        stream = SyntheticTrainStream(cfg, micro, global_batch, rank, world_size, seed=3, start_step=0)
         accumulation = global_batch // (world_size * micro)
+        stream = SyntheticTrainStream(cfg, micro, accumulation, rank, world_size, seed=3, start_step=0)
         parts += [stream.batch(step * accumulation + m) for m in range(accumulation)]
     return {"index": torch.cat([p["index"] for p in parts]),
             "label": torch.cat([p["label"] for p in parts]),
@@ -344,10 +359,10 @@ def test_synthetic_global_batch_is_the_same_for_any_world_size():
 
 
 def test_synthetic_loader_workers_keep_the_batch_order():
-    cfg0 = tiny_data_cfg("data.source=synthetic")
-    cfg2 = tiny_data_cfg("data.source=synthetic", "data.workers=2")
-    a = first_batches(build_train_loader(cfg0, 2, 8, 1, 2, seed=3, start_step=4), 4)
-    b = first_batches(build_train_loader(cfg2, 2, 8, 1, 2, seed=3, start_step=4), 4)
+    config0 = tiny_config("data.source=synthetic", *batches_of(2, 8, seed=3))
+    config2 = tiny_config("data.source=synthetic", "data.workers=2", *batches_of(2, 8, seed=3))
+    a = first_batches(build_train_loader(config0, 1, 2, start_step=4), 4)
+    b = first_batches(build_train_loader(config2, 1, 2, start_step=4), 4)
     # rank 1 of 2, step 4: indices 36..39, then step 5: 44..47.
     assert [x["index"].tolist() for x in a] == [[36, 37], [38, 39], [44, 45], [46, 47]]
     assert [x["index"].tolist() for x in b] == [x["index"].tolist() for x in a]

@@ -8,10 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tool_loader import load_tool
-
-
-prepare_fashion_mnist = load_tool("prepare_fashion_mnist")
+from mokd_scale.tools import make_shards, prepare_fashion_mnist
 
 
 def write_idx(path: Path, array: np.ndarray, type_code: int, compress=True):
@@ -125,7 +122,6 @@ def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
     striped_fashion_mnist(tmp_path / "src")
     root = tmp_path / "fm"
     prepare_fashion_mnist.prepare(tmp_path / "src", root, 0, 0, size=32)
-    make_shards = load_tool("make_shards")
     for split in ("train", "val"):
         assert make_shards.main(["--imagenet-root", str(root), "--split", split, "--out", str(tmp_path / "shards"),
                                  "--samples-per-shard", "16", "--workers", "1"]) == 0
@@ -134,3 +130,23 @@ def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
                                    "eval.max_train_samples=0", "eval.max_val_samples=0", "eval.knn_k=3"])
     result = evaluate_knn({"pixels": Pixels()}, cfg, 0, 1, torch.device("cpu"))
     assert result == {"pixels": {"top1": 100.0, "top5": 100.0}}
+    # The same shards through the k-NN command on a checkpoint of the recipe: one JSON, printed and --out.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mokd_scale.models import build_network
+    from tests.test_export import write_fake_checkpoint
+
+    networks = {n: build_network(cfg, n) for n in ("a", "b")}
+    write_fake_checkpoint(tmp_path / "run", cfg, networks, step=7)
+    out = tmp_path / "eval" / "knn.json"
+    done = subprocess.run([sys.executable, "-m", "mokd_scale.tools.eval_knn", "--checkpoint", str(tmp_path / "run"),
+                           "--out", str(out), "--set", "eval.knn_k=3"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == printed
+    assert printed["step"] == 7 and printed["tag"] == "step_00000007" and not printed["random_init"]
+    assert all(0.0 <= printed[n]["top1"] <= printed[n]["top5"] <= 100.0 for n in ("a", "b"))

@@ -1,26 +1,22 @@
-"""Export round trip: a fake checkpoint in the layout of mokd_scale/checkpoint.py -> safetensors -> plain timm
-model (strict load) -> the same pooled features as the training network's backbone."""
+"""Export round trip: a checkpoint in the layout of mokd_scale/checkpoint.py -> timm model folder ->
+timm.create_model("local-dir:...") -> the same pooled features as the training network's backbone."""
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file
 
 from mokd_scale.config import load_config, to_dict
 from mokd_scale.models import build_network, pair_search_dim
-
-from tests.tool_loader import load_tool
-
-
-export_backbone = load_tool("export_backbone")
+from mokd_scale.tools import export as export_backbone
 
 
 @pytest.fixture(scope="module")
 def tiny_networks():
     cfg = load_config("tiny_cpu")
     torch.manual_seed(0)
-    networks = {name: build_network(getattr(cfg.networks, name), cfg.mokd, pair_search_dim(cfg))
-                for name in ("a", "b")}
+    networks = {name: build_network(cfg, name) for name in ("a", "b")}
     with torch.no_grad():  # move BatchNorm running stats away from their init values
         for net in networks.values():
             net.train()(torch.randn(8, 3, 32, 32) * 2 + 1)
@@ -39,37 +35,48 @@ def write_fake_checkpoint(root: Path, cfg, networks, step=5, latest=True):
     return step_dir
 
 
+def load_export(folder: Path):
+    """The one line the export promises."""
+    import timm
+    return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+
+
 @pytest.mark.parametrize("network", ["a", "b"])
-def test_exported_teacher_loads_strict_into_timm_and_gives_training_features(tmp_path, tiny_networks, network):
+def test_exported_teacher_loads_in_one_timm_line_and_gives_training_features(tmp_path, tiny_networks, network):
+    import timm
+
     cfg, networks = tiny_networks
     write_fake_checkpoint(tmp_path, cfg, networks)
-    out = tmp_path / f"{network}.safetensors"
+    out = tmp_path / network
     assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--network", network,
                                  "--out", str(out)]) == 0
-    net_cfg = getattr(cfg.networks, network)
-    kwargs = export_backbone.timm_kwargs(to_dict(cfg)["networks"][network])
-    model = export_backbone.create_backbone(net_cfg.arch, kwargs).eval()
-    model.load_state_dict(load_file(str(out)), strict=True)
+    model = load_export(out)
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        expected = networks[network].backbone(images).pooled
-        torch.testing.assert_close(model(images), expected)
+        torch.testing.assert_close(model(images), networks[network].backbone(images).pooled)
         if network == "a":  # ViT: local-crop size works too, as in training
             torch.testing.assert_close(model(images[:, :, :16, :16]),
                                        networks[network].backbone(images[:, :, :16, :16]).pooled)
-    with safe_open(str(out), "pt") as f:
-        assert f.metadata()["arch"] == net_cfg.arch and f.metadata()["step"] == "5"
+    assert model.num_classes == 0
+    data = timm.data.resolve_data_config({}, model=model)
+    assert tuple(data["input_size"]) == (3, cfg.data.eval_crop, cfg.data.eval_crop)
+    assert tuple(data["mean"]) == cfg.data.mean and tuple(data["std"]) == cfg.data.std
+    assert data["crop_pct"] == cfg.data.eval_crop / cfg.data.eval_resize
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["architecture"] == getattr(cfg.networks, network).arch
+    assert saved["mokd"]["step"] == 5 and saved["mokd"]["weights"] == "teacher"
+    assert "tag" not in saved["pretrained_cfg"]  # not the published weights timm's registry names
+    assert all(t.dtype != torch.bfloat16 for t in load_file(str(out / "model.safetensors")).values())
 
 
 def test_student_export_from_stage0_engine_save(tmp_path, tiny_networks):
     cfg, networks = tiny_networks
     step_dir = write_fake_checkpoint(tmp_path, cfg, networks)
-    student = build_network(cfg.networks.b, cfg.mokd, pair_search_dim(cfg))  # differs from teacher
+    student = build_network(cfg, "b")  # differs from teacher
     (step_dir / "b").mkdir()
     torch.save({"module": student.state_dict()}, step_dir / "b" / "mp_rank_00_model_states.pt")
-    out = tmp_path / "student.safetensors"
-    export_backbone.export(tmp_path / "checkpoints", "b", out, student=True)
-    exported = load_file(str(out))
+    export_backbone.export(tmp_path / "checkpoints", "b", tmp_path / "student", student=True)
+    exported = load_export(tmp_path / "student").state_dict()
     for key, value in student.backbone.model.state_dict().items():
         assert torch.equal(exported[key], value), key
 
@@ -78,28 +85,31 @@ def test_explicit_tag_and_step_number(tmp_path, tiny_networks):
     cfg, networks = tiny_networks
     write_fake_checkpoint(tmp_path, cfg, networks, step=3, latest=False)
     for tag in ("step_00000003", "3"):
-        summary = export_backbone.export(tmp_path / "checkpoints", "a", tmp_path / "a.safetensors", tag=tag)
-        assert summary["step"] == "3"
-        assert summary["timm"].startswith("timm.create_model('vit_tiny_patch16_224', pretrained=False, "
-                                          "num_classes=0, patch_size=4")
+        summary = export_backbone.export(tmp_path / "checkpoints", "a", tmp_path / tag, tag=tag)
+        assert summary["step"] == 3 and summary["timm_kwargs"]["patch_size"] == 4
+        assert summary["timm"] == f"timm.create_model('local-dir:{tmp_path / tag}', pretrained=True)"
 
 
 def test_clear_errors(tmp_path, tiny_networks, capsys):
     cfg, networks = tiny_networks
-    out = str(tmp_path / "x.safetensors")
-    assert export_backbone.main(["--checkpoint", str(tmp_path / "nope"), "--network", "a", "--out", out]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    out = tmp_path / "out"
+
+    def export(*args: str) -> str:
+        assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), *args]) == 2
+        return capsys.readouterr().err
+
+    assert "does not exist" in export("--network", "a", "--out", str(out))
     write_fake_checkpoint(tmp_path, cfg, networks, latest=False)
-    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--network", "a", "--out", out]) == 2
-    err = capsys.readouterr().err
+    err = export("--network", "a", "--out", str(out))
     assert "no 'latest' file" in err and "step_00000005" in err  # names the tags that exist
-    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--tag", "7",
-                                 "--network", "a", "--out", out]) == 2
-    assert "step_00000007" in capsys.readouterr().err
-    assert export_backbone.main(["--checkpoint", str(tmp_path / "checkpoints"), "--tag", "5",
-                                 "--network", "c", "--out", out]) == 2
-    assert "unknown network 'c'" in capsys.readouterr().err
-    assert not Path(out).exists()
+    assert "step_00000007" in export("--tag", "7", "--network", "a", "--out", str(out))
+    assert "unknown network 'c'" in export("--tag", "5", "--network", "c", "--out", str(out))
+    assert "e.g. --out exports/vit\n" in export("--tag", "5", "--network", "a", "--out", "exports/vit.safetensors")
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert "already holds other files (notes.txt)" in export("--tag", "5", "--network", "a", "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 # ------------------------------------------- --student from real DeepSpeed ZeRO-3 / ZeRO-2 saves
@@ -118,8 +128,9 @@ def train_one_step_and_save(rank, world_size, out_dir):
     learners = {name: Learner(name, cfg, pair_search_dim(cfg), torch.device("cpu"), world_size)
                 for name in ("a", "b")}
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-    for learner in learners.values():
-        learner.apply_schedule(lr=1e-2, weight_decay=0.0, last_layer_frozen=False)
+    values = {f"{kind}.{name}": value for name in "ab" for kind, value in (("lr", 1e-2), ("wd", 0.0))}
+    for name, learner in learners.items():
+        learner.apply_schedule(values, partner="b" if name == "a" else "a", last_layer_frozen=False)
         loss = learner.engine(images).proj.float().pow(2).mean()
         learner.engine.backward(loss)
         learner.engine.step()
@@ -139,10 +150,10 @@ def test_student_export_from_real_zero3_and_zero2_checkpoints(tmp_path):
     students = run_on_ranks(train_one_step_and_save, 2, args=(str(tmp_path / "checkpoints"),), timeout=240)
     assert (tmp_path / "checkpoints" / "step_00000001" / "a" / "zero_pp_rank_1_mp_rank_00_model_states.pt").exists()
     for name in ("a", "b"):
-        student_file, teacher_file = tmp_path / f"{name}_student.safetensors", tmp_path / f"{name}_teacher.safetensors"
-        export_backbone.export(tmp_path / "checkpoints", name, student_file, student=True)
-        export_backbone.export(tmp_path / "checkpoints", name, teacher_file)
-        student, teacher = load_file(str(student_file)), load_file(str(teacher_file))
+        student_dir, teacher_dir = tmp_path / f"{name}_student", tmp_path / f"{name}_teacher"
+        export_backbone.export(tmp_path / "checkpoints", name, student_dir, student=True)
+        export_backbone.export(tmp_path / "checkpoints", name, teacher_dir)
+        student, teacher = load_file(str(student_dir / "model.safetensors")), load_file(str(teacher_dir / "model.safetensors"))
         assert set(student) == set(students[name])
         for key, value in students[name].items():
             torch.testing.assert_close(student[key], torch.from_numpy(value), msg=f"{name}: {key}")

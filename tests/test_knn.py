@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mokd_scale import knn
+from mokd_scale import knn, linear_probe
 from tests.dist_harness import run_on_ranks
 
 
@@ -148,42 +148,28 @@ def test_two_rank_gather_equals_one_process():
         assert accuracy == one_accuracy
 
 
-# ------------------------------------------------------------ linear probe (tools/eval_linear.py)
-def load_eval_linear():
-    import importlib.util
-    import sys
-    from pathlib import Path
-    tools = Path(__file__).resolve().parents[1] / "tools"
-    sys.path.insert(0, str(tools))
-    spec = importlib.util.spec_from_file_location("eval_linear", tools / "eval_linear.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+# ------------------------------------------------------------ linear probe
 def test_linear_probe_learns_separable_features_and_not_noise():
-    eval_linear = load_eval_linear()
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 4, (400,), generator=generator)
     centres = 3 * torch.randn(4, 32, generator=generator)
     features = centres[labels] + torch.randn(400, 32, generator=generator) + 50.0  # offset: needs standardising
-    classifier, mean, std = eval_linear.train_linear(features[:300], labels[:300], 4, epochs=8, lr=0.1,
+    classifier, mean, std = linear_probe.train_linear(features[:300], labels[:300], 4, epochs=8, lr=0.1,
                                                      batch_size=64, weight_decay=0.0, seed=0)
-    assert eval_linear.top1(classifier, mean, std, features[300:], labels[300:]) > 95.0
+    assert linear_probe.top1(classifier, mean, std, features[300:], labels[300:]) > 95.0
     noise = torch.randn(400, 32, generator=generator)
-    classifier, mean, std = eval_linear.train_linear(noise[:300], labels[:300], 4, 8, 0.1, 64, 0.0, 0)
-    assert eval_linear.top1(classifier, mean, std, noise[300:], labels[300:]) < 50.0
+    classifier, mean, std = linear_probe.train_linear(noise[:300], labels[:300], 4, 8, 0.1, 64, 0.0, 0)
+    assert linear_probe.top1(classifier, mean, std, noise[300:], labels[300:]) < 50.0
 
 
 def test_linear_probe_vit_features_are_the_last_four_normed_class_tokens():
     import timm
-    eval_linear = load_eval_linear()
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=4,
                             embed_dim=32, depth=5, num_heads=2).eval()
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        got = eval_linear.LinearProbeFeatures(vit, is_vit=True)(images)
+        got = linear_probe.LinearProbeFeatures(vit, is_vit=True)(images)
         tokens = vit.patch_embed(images)
         tokens = vit.norm_pre(vit._pos_embed(tokens))
         class_tokens = []

@@ -31,7 +31,7 @@ def bf16_teacher_steps(rank, world_size):
     device = torch.device("cpu")
     learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
     coordinator = Coordinator(config, learners, Schedules.build(config), device)
-    batches = iter(build_train_loader(config.data, 4, 4, 0, 1, 0, 0))
+    batches = iter(build_train_loader(config, 0, 1))
     teacher = learners["a"].teacher
     rounded = {k: v.detach().bfloat16() for k, v in teacher.named_parameters()}
     changed_every_step, differs_from_rounded, losses = [], [], []
@@ -62,17 +62,81 @@ def test_teacher_stays_fp32_and_moves_every_step_under_a_bf16_student():
     assert all(n >= count // 2 for n in differs), (differs, count)
 
 
-def test_parameter_groups_tag_last_layer_and_exclude_norms_and_biases_from_decay():
+def ema_after_one_step(rank, world_size, deepspeed_json):
+    """Teacher before and after one step, and the student after it, under a ZeRO-2 engine."""
+    from mokd_scale.coordinator import Coordinator
+    from mokd_scale.data import build_train_loader
+    from mokd_scale.learner import Learner
+    from mokd_scale.models import pair_search_dim
+
+    config = load_config("tiny_cpu", [*BF16_OVERRIDES[:-3], "networks.a.precision=fp32", "networks.b.precision=fp32",
+                                      f"networks.a.deepspeed={deepspeed_json}", f"networks.b.deepspeed={deepspeed_json}",
+                                      "networks.a.lr=0.5", "networks.b.lr=0.5", "mokd.teacher_momentum=0.9",
+                                      "mokd.teacher_momentum_end=0.9"])
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
+    coordinator = Coordinator(config, learners, Schedules.build(config), device)
+    flat_buffers = {n: len(learner.ema.flats) for n, learner in learners.items()}
+    before = {n: {k: v.detach().clone() for k, v in learner.teacher.named_parameters()} for n, learner in learners.items()}
+    coordinator.train_step(0, [next(iter(build_train_loader(config, 0, 1, 0)))])
+    after = {n: {k: v.detach().clone() for k, v in learner.teacher.named_parameters()} for n, learner in learners.items()}
+    student = {n: {k: v.detach().float().clone() for k, v in learner.student.named_parameters()}
+               for n, learner in learners.items()}
+    return flat_buffers, before, after, student
+
+
+def test_ema_over_deepspeed_flat_buffers_equals_the_per_tensor_update():
+    flat_buffers, before, after, student = run_on_ranks(ema_after_one_step, 1, ("ds_configs/zero2_bf16.json",),
+                                                         timeout=300)
+    assert all(count > 0 for count in flat_buffers.values()), "the flat-buffer path was not taken"
+    for name in "ab":
+        moved = 0
+        for key, old in before[name].items():
+            expected = 0.9 * old + 0.1 * student[name][key]
+            torch.testing.assert_close(after[name][key], expected, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+            moved += int(not torch.equal(after[name][key], old))
+        assert moved > len(before[name]) // 2
+
+
+def test_multi_tensor_optimizers_step_like_the_per_tensor_loop():
+    from mokd_scale.config import NetworkConfig
+    from mokd_scale.learner import build_optimizer
+
+    for kind in ("adamw", "sgd"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]  # noqa: E731
+        ours = build_optimizer(NetworkConfig(optimizer=kind, momentum=0.9), groups(params))
+        reference_type = torch.optim.AdamW if kind == "adamw" else torch.optim.SGD
+        extra = {"betas": (0.9, 0.999)} if kind == "adamw" else {"momentum": 0.9}
+        reference = reference_type(groups(twins), lr=0.0, foreach=False, **extra)
+        for step in range(3):
+            for optimizer, ps in ((ours, params), (reference, twins)):
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.1
+                for i, p in enumerate(ps):
+                    p.grad = torch.full_like(p, float(step + i + 1)).sin()
+                optimizer.step()
+        for p, twin in zip(params, twins):
+            torch.testing.assert_close(p, twin, rtol=1e-6, atol=1e-7)
+
+
+def test_parameter_groups_tag_last_layer_and_exclude_biases_and_1d_tensors_from_decay():
     from mokd_scale.learner import LAST_LAYER, parameter_groups
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)
-    network = build_network(config.networks.a, config.mokd, pair_search_dim(config))
+    network = build_network(config, "a")
     groups = {g["name"]: g for g in parameter_groups(network)}
     names = {id(p): n for n, p in network.named_parameters()}
     last = {names[id(p)] for g in groups.values() if g["kind"] == LAST_LAYER for p in g["params"]}
-    assert last == {"projection_head.last_layer.direction", "search_head.last_layer.direction"}
+    # The projection head's scale is frozen (not in any group), the search head's is trained.
+    assert last == {"projection_head.last_layer.direction", "search_head.last_layer.direction",
+                    "search_head.last_layer.scale"}
     for group in groups.values():
+        assert group["schedule"] == "own"
         for param in group["params"]:
             if param.ndim <= 1:
                 assert not group["apply_weight_decay"], names[id(param)]
@@ -80,19 +144,47 @@ def test_parameter_groups_tag_last_layer_and_exclude_norms_and_biases_from_decay
     assert decayed and all(p.ndim > 1 for p in decayed)
 
 
+def test_search_head_can_follow_the_partner_schedule_with_decay_on_everything():
+    """The authors' CNN steps its search head at the ViT's lr and weight decay, biases and norms included."""
+    from mokd_scale.learner import parameter_groups
+    from mokd_scale.models import build_network
+
+    config = load_config("tiny_cpu", BF16_OVERRIDES)
+    network = build_network(config, "b")
+    names = {id(p): n for n, p in network.named_parameters()}
+    groups = parameter_groups(network, search_head_schedule="partner")
+    partner = [names[id(p)] for g in groups if g["schedule"] == "partner" for p in g["params"]]
+    assert partner and all(n.startswith("search_head.") for n in partner)
+    assert "search_head.norm.bias" in partner
+    assert all(g["apply_weight_decay"] for g in groups if g["schedule"] == "partner")
+    own = [names[id(p)] for g in groups if g["schedule"] == "own" for p in g["params"]]
+    assert not any(n.startswith("search_head.") for n in own)
+
+
 def test_schedules_follow_the_recipe_by_global_step():
     config = load_config("tiny_cpu", ["train.steps=200", "data.samples_per_epoch=640", "train.global_batch_size=64",
                                       "train.warmup_epochs=2", "networks.a.lr=0.001", "networks.a.min_lr=1e-5",
-                                      "mokd.warmup_teacher_temperature_epochs=5", "mokd.warmup_teacher_temperature=0.04",
+                                      "networks.a.warmup_teacher_temperature_epochs=5",
+                                      "networks.b.warmup_teacher_temperature_epochs=3",
+                                      "mokd.warmup_teacher_temperature=0.04",
                                       "mokd.teacher_temperature=0.07", "train.freeze_last_layer_epochs=1"])
     schedules = Schedules.build(config)
     lr = schedules.networks["a"].lr
     peak = 0.001 * 64 / 256
-    assert lr[0] == 0.0 and lr[20] == pytest.approx(peak) and lr[-1] == pytest.approx(1e-5)
+    # DINO's shapes: warm-up 0 -> peak with both ends included, then a cosine that approaches min_lr.
+    assert lr[0] == 0.0 and lr[19] == pytest.approx(peak) and lr[20] == pytest.approx(peak)
+    assert lr[-1] == pytest.approx(1e-5 + 0.5 * (peak - 1e-5) * (1 + np.cos(np.pi * 179 / 180)))
     assert np.all(np.diff(lr[:20]) > 0) and np.all(np.diff(lr[20:]) <= 1e-12)
-    temperature = schedules.teacher_temperature
-    assert temperature[0] == pytest.approx(0.04) and temperature[50] == pytest.approx(0.07)
+    # The teacher temperature steps once per epoch (10 steps here), over each network's own warm-up.
+    for name, epochs in (("a", 5), ("b", 3)):
+        temperature = schedules.networks[name].teacher_temperature
+        per_epoch = np.linspace(0.04, 0.07, epochs)
+        for epoch in range(epochs):
+            assert np.all(temperature[epoch * 10:(epoch + 1) * 10] == pytest.approx(per_epoch[epoch]))
+        assert np.all(temperature[epochs * 10:] == pytest.approx(0.07))
+    assert schedules.at(25)["teacher_temperature.a"] == pytest.approx(0.055)
+    assert schedules.at(25)["teacher_temperature.b"] == pytest.approx(0.07)
     assert schedules.teacher_momentum[0] == pytest.approx(config.mokd.teacher_momentum)
-    assert schedules.teacher_momentum[-1] == pytest.approx(1.0)
+    assert 0.9999 < schedules.teacher_momentum[-1] < 1.0
     assert schedules.last_layer_frozen(9) and not schedules.last_layer_frozen(10)
-    assert schedules.at(10_000)["lr.a"] == pytest.approx(1e-5)  # clamped past the end
+    assert schedules.at(10_000)["lr.a"] == schedules.at(199)["lr.a"]  # clamped past the end

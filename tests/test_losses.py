@@ -10,7 +10,7 @@ import torch
 
 from mokd_scale.config import load_config
 from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy
-from mokd_scale.models import build_network, pair_search_dim
+from mokd_scale.models import build_network
 from mokd_scale.mokd_terms import network_losses, teacher_forward
 
 TEACHER_T, STUDENT_T = 0.04, 0.1
@@ -133,7 +133,7 @@ def tiny_config(cnn_student: bool = False, out_dim: int = 256):
         else ["networks.a.arch=vit_tiny_patch16_224", f"networks.a.arch_kwargs={TINY_VIT % 2}"]
     return load_config("tiny_cpu", [
         *a_arch, "networks.b.arch=vit_tiny_patch16_224", f"networks.b.arch_kwargs={TINY_VIT % 1}",
-        "networks.a.use_bn_in_head=false", "networks.b.use_bn_in_head=false",
+        "networks.a.proj_batchnorm=false", "networks.b.proj_batchnorm=false",
         f"mokd.out_dim={out_dim}", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
         "mokd.search_depth=2", "mokd.search_dim=0", "mokd.search_head_dim=32"])
 
@@ -150,8 +150,7 @@ def build_pair(cfg, seed=0):
     """Students, teachers (perturbed copies so they differ) and random centres, for a and b."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    dim = pair_search_dim(cfg)
-    students = {n: build_network(getattr(cfg.networks, n), cfg.mokd, dim) for n in ("a", "b")}
+    students = {n: build_network(cfg, n) for n in ("a", "b")}
     teachers = {n: perturbed_copy(s, gen) for n, s in students.items()}
     centers = {}
     for name in ("a", "b"):
@@ -269,3 +268,16 @@ def test_bf16_student_matches_fp32_within_bf16_tolerance():
         assert_relative(value, float(getattr(fp32, name).detach()), 0.05)
     bf16.total.backward()
     assert all(torch.isfinite(p.grad).all() for p in students["a"].parameters() if p.grad is not None)
+
+
+def test_cross_search_targets_in_one_forward_equal_one_forward_per_local_crop(vit_pair):
+    from mokd_scale.mokd_terms import cross_search_targets
+    _, teachers, _ = vit_pair
+    crops = make_crops(batch=3, num_local=4)
+    partner = teacher_forward(teachers["b"], crops[:2])
+    queries = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(5))
+    batched = cross_search_targets(teachers["b"], partner, queries)
+    with torch.no_grad():
+        one_by_one = torch.stack([teachers["b"].search_head(partner.global1_search_tokens, query=q) for q in queries])
+    assert batched.shape == (4, 3, 256)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-6)

@@ -1,8 +1,7 @@
-"""tools/make_shards.py: ImageNet folder tree -> deterministic, resumable WebDataset shards."""
+"""mokd-shards (mokd_scale.tools.make_shards): ImageNet folder tree -> deterministic, resumable WebDataset shards."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -18,22 +17,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mokd_scale.data.imagenet_folder import SourceImage, list_split, to_rgb_jpeg
+from mokd_scale.shards.imagenet_folder import SourceImage, list_split, to_rgb_jpeg
+from mokd_scale.tools import make_shards
 from tests.imagenet_fixture import (READABLE_KINDS, SKIPPED_KINDS, devkit_ids, make_imagenet_root,
                                     read_fixture_manifest)
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "tools" / "make_shards.py"
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("make_shards_tool", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_shards = _load_tool()
+SCRIPT = REPO / "tools" / "make_shards.py"  # the wrapper the README and the cluster guide name
 
 
 def convert(root, out, split="train", **options) -> int:
@@ -251,7 +241,7 @@ def test_killed_conversion_resumes_to_the_same_bytes(tmp_path):
     os.mkfifo(root / blocker)
 
     work = tmp_path / "work"
-    process = subprocess.Popen([sys.executable, str(SCRIPT), "--imagenet-root", str(root), "--split", "train",
+    process = subprocess.Popen([sys.executable, "-m", "mokd_scale.tools.make_shards", "--imagenet-root", str(root), "--split", "train",
                                 "--out", str(work), "--samples-per-shard", "2", "--workers", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     temp = work / f".imagenet-train-{blocked_shard:06d}.tar.tmp-{process.pid}"

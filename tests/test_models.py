@@ -23,6 +23,7 @@ def small_config(**network_overrides):
     """tiny_cpu with real-size archs (vit_tiny 192 wide, resnet18) and small heads."""
     overrides = [f"networks.a.arch={VIT}", "networks.a.arch_kwargs={depth: 2}",
                  f"networks.b.arch={CNN}", "networks.b.arch_kwargs={}",
+                 "data.global_crop_size=224", "data.local_crop_size=96",
                  "mokd.out_dim=64", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
                  "mokd.search_depth=1", "mokd.search_dim=0"]
     overrides += [f"{k}={v}" for k, v in network_overrides.items()]
@@ -33,8 +34,7 @@ def small_config(**network_overrides):
 def pair():
     torch.manual_seed(0)
     cfg = small_config()
-    dim = pair_search_dim(cfg)
-    return cfg, build_network(cfg.networks.a, cfg.mokd, dim), build_network(cfg.networks.b, cfg.mokd, dim)
+    return cfg, build_network(cfg, "a"), build_network(cfg, "b")
 
 
 def test_vit_backbone_gives_class_token_and_patch_grid():
@@ -69,7 +69,7 @@ def test_unknown_arch_is_a_clear_error():
 def test_backbone_state_dict_loads_into_plain_timm_model():
     """Export strips `backbone.model.` and loads strictly into timm.create_model(arch, num_classes=0)."""
     cfg = small_config()
-    network = build_network(cfg.networks.a, cfg.mokd, pair_search_dim(cfg))
+    network = build_network(cfg, "a")
     prefix = "backbone.model."
     exported = {k[len(prefix):]: v for k, v in network.state_dict().items() if k.startswith(prefix)}
     plain = timm.create_model(VIT, pretrained=False, num_classes=0, **VIT_KWARGS)
@@ -96,14 +96,28 @@ def test_search_head_projects_cnn_channels_and_keeps_vit_width(pair):
     assert len(vit.search_head.blocks) == 1 and vit.search_head.blocks[0].attn.num_heads == 192 // 64
 
 
-def test_position_embedding_is_bicubic_resize_of_base_grid(pair):
-    head = pair[1].search_head
-    base = head.position_embedding((14, 14))
-    torch.testing.assert_close(base, head.position.flatten(2).transpose(1, 2))
-    resized = head.position_embedding((3, 5))
-    expected = F.interpolate(head.position, size=(3, 5), mode="bicubic", align_corners=False)
-    assert resized.shape == (1, 15, 192)
-    torch.testing.assert_close(resized, expected.flatten(2).transpose(1, 2))
+def test_position_grid_is_the_backbone_token_grid_at_the_global_crop_size(pair):
+    _, vit, cnn = pair
+    assert vit.search_head.base_grid == (14, 14) and vit.search_head.position.shape == (1, 196, 192)
+    assert cnn.search_head.base_grid == (7, 7) and cnn.search_head.position.shape == (1, 49, 192)
+    dilated = small_config(**{"networks.b.arch_kwargs": "{output_stride: 16}", "data.global_crop_size": 64,
+                              "data.local_crop_size": 32})
+    assert build_network(dilated, "b").search_head.base_grid == (4, 4)
+
+
+def test_position_embedding_is_resized_by_scale_factor_as_dino_resizes(pair):
+    head = pair[2].search_head  # the CNN's: 7x7 base grid
+    assert head.position_embedding((7, 7)) is head.position
+    square = head.position.reshape(1, 7, 7, 192).permute(0, 3, 1, 2)
+    for grid in ((3, 3), (2, 5), (14, 14)):
+        factors = ((grid[0] + 0.1) / 7, (grid[1] + 0.1) / 7)
+        expected = F.interpolate(square, scale_factor=factors, mode="bicubic", align_corners=False)
+        resized = head.position_embedding(grid)
+        assert resized.shape == (1, grid[0] * grid[1], 192)
+        torch.testing.assert_close(resized, expected.permute(0, 2, 3, 1).reshape(1, -1, 192))
+    # Resizing by factor is not resizing to the size: the sampling positions differ.
+    by_size = F.interpolate(square, size=(3, 3), mode="bicubic", align_corners=False)
+    assert (head.position_embedding((3, 3)) - by_size.permute(0, 2, 3, 1).reshape(1, 9, 192)).abs().max() > 1e-4
 
 
 def test_query_token_changes_search_output(pair):
@@ -158,15 +172,22 @@ def test_last_layer_names_and_no_decay_names(pair):
     assert names == ["projection_head.last_layer.direction", "projection_head.last_layer.scale",
                      "search_head.last_layer.direction", "search_head.last_layer.scale"]
     no_decay = vit.no_weight_decay_parameter_names()
-    assert "projection_head.mlp.0.bias" in no_decay and "search_head.last_layer.scale" in no_decay
-    assert "projection_head.mlp.0.weight" not in no_decay
+    assert "projection_head.mlp.0.bias" in no_decay and "search_head.norm.weight" in no_decay
+    # Decayed like any 2-D weight, as the authors' parameter groups do; (K, 1) is 2-D.
+    assert "projection_head.mlp.0.weight" not in no_decay and "search_head.last_layer.scale" not in no_decay
 
 
-def test_freeze_weight_norm_scale_switch():
-    cfg = small_config(**{"networks.a.freeze_weight_norm_scale": "false"})
-    network = build_network(cfg.networks.a, cfg.mokd, 192)
+def test_weight_norm_scale_and_batchnorm_switches_per_head():
+    default = build_network(small_config(**{"networks.a.proj_batchnorm": "false"}), "a")
+    assert not default.projection_head.last_layer.scale.requires_grad  # DINO's default: frozen
+    assert default.search_head.last_layer.scale.requires_grad  # the authors' search heads: trainable
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in default.projection_head.modules())
+    cfg = small_config(**{"networks.a.proj_freeze_scale": "false", "networks.a.search_freeze_scale": "true",
+                          "networks.a.proj_batchnorm": "true"})
+    network = build_network(cfg, "a")
     assert network.projection_head.last_layer.scale.requires_grad
-    assert network.search_head.last_layer.scale.requires_grad
+    assert not network.search_head.last_layer.scale.requires_grad
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in network.projection_head.modules())
 
 
 def test_pair_search_dim_rules():
@@ -176,7 +197,8 @@ def test_pair_search_dim_rules():
     with pytest.raises(ValueError, match="both networks are CNNs"):
         pair_search_dim(two_cnns)
     with pytest.raises(ValueError, match="multiple of"):
-        build_network(two_cnns.networks.a, two_cnns.mokd, 100)
+        build_network(two_cnns, "a", search_dim=100)
+    assert pair_search_dim(small_config(**{"mokd.mode": "independent"})) == 0
 
 
 def test_grad_checkpointing_gives_same_output_and_gradients():
@@ -201,5 +223,109 @@ def test_flagship_parameter_counts_on_meta_device():
     # DINO head: 1024->2048->2048->256, then 256 x 65536 directions + 65536 scales.
     assert vit["projection_head"] == (1024 * 2048 + 2048) + (2048 * 2048 + 2048) + (2048 * 256 + 256) \
         + 65536 * 256 + 65536
-    assert cnn["search_head"] - vit["search_head"] == 2048 * 1024 + 1024  # the CNN's 1x1 projection
+    # The CNN's 1x1 projection, and its position grid of 7x7 instead of the ViT's 14x14.
+    assert cnn["search_head"] - vit["search_head"] == 2048 * 1024 + 1024 + (49 - 196) * 1024
     assert vit["total"] == vit["backbone"] + vit["projection_head"] + vit["search_head"]
+
+
+# ---------------------------------------------------------------- the search head as the method defines it
+
+def layer_norm(x, norm):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-6) * norm.weight.double() + norm.bias.double()
+
+
+def linear(x, layer):
+    return x @ layer.weight.double().T + layer.bias.double()
+
+
+def reference_search_logits(head, tokens, grid, query=None):
+    """Float64, from the method's description: 1x1 projection, position embedding resized by scale
+    factor from the base grid, query token in front (no position), pre-norm blocks with LayerNorm eps
+    1e-6, closing LayerNorm, query dropped, patch tokens averaged, weight-normalised last layer."""
+    x = tokens.double()
+    if isinstance(head.channel_proj, torch.nn.Linear):
+        x = linear(x, head.channel_proj)
+    dim = x.shape[-1]
+    base = head.position.double().reshape(1, *head.base_grid, dim).permute(0, 3, 1, 2)
+    if tuple(grid) != head.base_grid:
+        factors = tuple((g + 0.1) / b for g, b in zip(grid, head.base_grid))
+        base = F.interpolate(base, scale_factor=factors, mode="bicubic", align_corners=False)
+    x = x + base.permute(0, 2, 3, 1).reshape(1, -1, dim)
+    if query is not None:
+        x = torch.cat([query.double().unsqueeze(1), x], dim=1)
+    for block in head.blocks:
+        heads = block.attn.num_heads
+        h = layer_norm(x, block.norm1)
+        q, k, v = linear(h, block.attn.qkv).reshape(x.shape[0], x.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + linear((attention @ v).transpose(1, 2).reshape(x.shape), block.attn.proj)
+        x = x + linear(F.gelu(linear(layer_norm(x, block.norm2), block.mlp.fc1)), block.mlp.fc2)
+    x = layer_norm(x, head.norm)
+    pooled = (x[:, 1:] if query is not None else x).mean(dim=1)
+    direction = head.last_layer.direction.double()
+    weight = head.last_layer.scale.double() * direction / direction.norm(dim=1, keepdim=True)
+    return pooled @ weight.T
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (3, 3)])
+def test_search_head_computes_the_method_without_l2(pair, grid):
+    head = pair[2].search_head  # the CNN's: 512 -> 192 projection, 7x7 base grid
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randn(2, grid[0] * grid[1], 512, generator=gen)
+    query = torch.randn(2, 192, generator=gen)
+    with torch.no_grad():
+        head.last_layer.scale.mul_(torch.rand(head.last_layer.scale.shape, generator=gen) + 0.5)
+        for q in (None, query):
+            expected = reference_search_logits(head, tokens, grid, q)
+            ours = head.double()(head.embed(tokens.double(), grid), query=None if q is None else q.double())
+            head.float()
+            torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_search_head_l2_switch_bounds_logits_by_the_scale():
+    cfg = small_config(**{"mokd.search_l2_normalize": "true"})
+    head = build_network(cfg, "b").search_head.eval()
+    assert all(m.eps == 1e-6 for m in head.modules() if isinstance(m, torch.nn.LayerNorm))
+    with torch.no_grad():
+        logits = head(head.embed(torch.randn(3, 49, 512) * 10, (7, 7)))
+    assert logits.abs().max() <= 1 + 1e-5
+
+
+def test_teacher_never_drops_paths_and_starts_as_the_student():
+    from mokd_scale.learner import make_teacher
+    cfg = small_config(**{"networks.a.drop_path_rate": 0.5})
+    torch.manual_seed(0)
+    student = build_network(cfg, "a").train()
+    teacher = make_teacher(cfg, "a", student, pair_search_dim(cfg)).train()
+    for (name, t), s in zip(teacher.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(t, s, rtol=0, atol=0, msg=name)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        first, second = teacher(images), teacher(images)
+        student_runs = student(images).proj, student(images).proj
+    torch.testing.assert_close(first.proj, second.proj, rtol=0, atol=0)
+    torch.testing.assert_close(first.search, second.search, rtol=0, atol=0)
+    assert (student_runs[0] - student_runs[1]).abs().max() > 1e-4  # the student does drop paths
+    assert all(not p.requires_grad and p.dtype == torch.float32 for p in teacher.parameters())
+
+
+def test_vit_resizes_its_position_embedding_for_local_crops_as_dino():
+    torch.manual_seed(0)
+    backbone = Backbone(VIT, VIT_KWARGS).eval()
+    vit = backbone.model
+    patches = vit.patch_embed(torch.randn(2, 3, 96, 96))  # (2, 6, 6, 192)
+    square = vit.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, scale_factor=(6.1 / 14, 6.1 / 14), mode="bicubic", align_corners=False)
+    positions = torch.cat([vit.pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 36, 192)], dim=1)
+    expected = torch.cat([vit.cls_token.expand(2, -1, -1), patches.reshape(2, 36, 192)], dim=1) + positions
+    torch.testing.assert_close(vit._pos_embed(patches), expected)
+    plain = timm.create_model(VIT, pretrained=False, num_classes=0, dynamic_img_size=True, **VIT_KWARGS).eval()
+    plain.load_state_dict(vit.state_dict())
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():  # timm alone resizes to the size with antialiasing: other local-crop features
+        assert (backbone(images).pooled - plain.forward_head(plain.forward_features(images), pre_logits=True)).abs().max() > 1e-3
+        images = torch.randn(2, 3, 224, 224)  # at the model's own size nothing is resized
+        torch.testing.assert_close(backbone(images).pooled, plain.forward_head(plain.forward_features(images),
+                                                                               pre_logits=True))

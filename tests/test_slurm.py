@@ -188,6 +188,15 @@ def scancel(job_id: str) -> None:
 
 # --- tests -----------------------------------------------------------------------------------
 
+def test_nodelist_fallback_agrees_with_scontrol(slurm_cluster):
+    from mokd_scale.dist import expand_nodelist
+
+    for nodelist in ("gpu[001-003,010],cpu7", "n1", "a[1-2]-ib[0-1]", "node[9-11]", "x[08-10],y[1,3-4]"):
+        expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                  check=True).stdout.split()
+        assert expand_nodelist(nodelist) == expanded, nodelist
+
+
 def test_trivial_two_node_job(slurm_cluster, tmp_path):
     code, job_id = sbatch(
         ["--wait", "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/%x-%j.out", "--job-name=hello",

@@ -100,12 +100,12 @@ def test_resume_equals_straight_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def photo_shards(tmp_path_factory) -> Path:
-    """Real JPEG shards: the ImageNet-shaped fixture through tools/make_shards.py, 4 samples a shard,
+    """Real JPEG shards: the ImageNet-shaped fixture through mokd-shards, 4 samples a shard,
     shrunk to 64 px (decoding full-size photos would dominate the test's time)."""
     from tests.imagenet_fixture import make_imagenet_root
     folder = tmp_path_factory.mktemp("photos")
     root = make_imagenet_root(folder, n_classes=3, per_class=6)
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "--imagenet-root", str(root),
+    subprocess.run([sys.executable, "-m", "mokd_scale.tools.make_shards", "--imagenet-root", str(root),
                     "--split", "train", "--out", str(folder / "shards"), "--samples-per-shard", "4",
                     "--resize-short-side", "64", "--workers", "1"], check=True, capture_output=True, timeout=120)
     return folder / "shards" / "imagenet-train.json"
@@ -185,6 +185,20 @@ def test_a_failed_save_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_pa
     assert "(step_00000001) is untouched" in failed
     assert after_failure == ("step_00000001", False)
     assert "resumed from step_00000001" in resumed and read_latest(out / "checkpoints") == "step_00000003"
+
+
+def test_independent_mode_trains_each_network_alone_with_dino(tmp_path):
+    out = tmp_path / "independent"
+    run_on_ranks(expect_code, 1, (0, ["train.steps=2", "mokd.mode=independent", f"output_dir={out}"]), timeout=240)
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2]
+    for row in rows:
+        for name in "ab":
+            assert row[f"{name}.loss"] == pytest.approx(row[f"{name}.self_proj"])
+            assert not any(f"{name}.{term}" in row for term in ("self_search", "cross_proj", "cross_search"))
+    teachers = teacher_weights(out)
+    assert all(not any(key.startswith("search_head.") for key in teachers[name]) for name in "ab")
+    assert any(key.startswith("projection_head.") for key in teachers["a"])
 
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",

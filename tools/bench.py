@@ -1,69 +1,7 @@
-"""mokd_scale benchmarks: JSON on stdout (or --out FILE), a readable table on stderr.
-
-    python tools/bench.py step   [--config tiny_cpu] [--zero 0|1|2|3] [--nproc 2] [--steps 10] ...
-        images/s, model FLOP/s and MFU of the MOKD step (Coordinator over two DeepSpeed Learners)
-        against a plain torch-DDP loop of the same models and losses; `step --help` for all options.
-    python tools/bench.py memory [--stages 0,1,2,3] [--nproc 2] ...
-        measured optimizer-state bytes and peak memory per rank per ZeRO stage (tiny recipe), and
-        the flagship's projected model-state memory per GPU on 4 nodes x 8 GPUs.
-    python tools/bench.py data   [...]
-        data-pipeline images/s per worker (tools/bench_data.py).
-
-On a GPU machine: python tools/bench.py step --config vitl16_r152 --zero 2 \\
-        --set train.micro_batch_size=16 data.num_local_crops=8 --steps 5 --warmup 2 --rounds 1
-"""
-from __future__ import annotations
-
-import json
-import os
+"""Same as the `mokd-bench` command (mokd_scale.tools.bench.main); kept so that `python tools/bench.py` works."""
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-COMMANDS = ("step", "memory", "data")
-
-
-def out_path(argv: list[str]) -> str:
-    """--out FILE / --out=FILE, read here so that every sub-command writes its JSON the same way."""
-    for index, arg in enumerate(argv):
-        if arg == "--out" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--out="):
-            return arg.split("=", 1)[1]
-    return ""
-
-
-def emit(report: dict, table: str, path: str) -> None:
-    print(table, file=sys.stderr, flush=True)
-    text = json.dumps(report, indent=1, default=str)
-    if path:
-        with open(path, "w") as f:
-            f.write(text + "\n")
-    else:
-        print(text, flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        print(f"bench.py: first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    command, rest = argv[0], argv[1:]
-    if command == "data":
-        import bench_data
-        bench_data.run_data_bench(rest)  # prints its own JSON (and writes --json FILE)
-        return 0
-    if command == "step":
-        import bench_step
-        report = bench_step.run_step_bench(rest)
-        emit(report, bench_step.step_table(report), out_path(rest))
-        return 0
-    import bench_memory
-    report = bench_memory.run_memory_bench(rest)
-    emit(report, bench_memory.memory_table(report), out_path(rest))
-    return 0
-
+from mokd_scale.tools.bench.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

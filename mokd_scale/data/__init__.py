@@ -1,8 +1,9 @@
 """Data pipeline: shard lists, resampled WebDataset-style streaming, fast DINO multi-crop, eval loader.
 
+This is the read path of training and evaluation; writing shards is mokd_scale.shards.
 Public API: build_train_loader, build_eval_loader, normalize_crops.
-The names load on first use, so that tools/make_shards.py (which needs only PIL and the
-imagenet_folder / shard_writer modules) starts without importing torch.
+The names load on first use, so that importing one light module (shard_spec, seeds) does not
+import torch and torchvision.
 """
 import importlib
 

@@ -5,7 +5,7 @@ horizontal flip p=0.5, colour jitter (brightness .4, contrast .4, saturation .2,
 with p=0.8, grayscale p=0.2, Gaussian blur (sigma U(0.1, 2)) with p = 1.0 / 0.1 / 0.5 (global 1 /
 global 2 / locals), solarize p=0.2 on global 2 only.
 
-Where the time goes and what we do instead (tools/bench_data.py measures both pipelines):
+Where the time goes and what we do instead (`mokd-bench data` measures both pipelines):
 - every random decision is drawn first; crop boxes in full-resolution coordinates with the exact
   RandomResizedCrop rule, so crop statistics are DINO's by construction (tests compare them);
 - the JPEG is decoded once, at the largest DCT reduction (1/2, 1/4, 1/8) that still leaves

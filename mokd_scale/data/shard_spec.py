@@ -1,8 +1,9 @@
 """Turn a shard spec (brace pattern or index JSON) into a list of shard URLs.
 
 Two spellings are accepted, because clusters use both:
-- a brace pattern, "dir/imagenet-train-{000000..000127}.tar" (several patterns may be joined with "::");
-- an index JSON as written by tools/make_shards.py: {"shardlist": [{"url": ..., "nsamples": ...}, ...]},
+- a brace pattern, "dir/imagenet-train-{000000..000127}.tar", expanded by webdataset's own rules
+  (several patterns may be joined with "::"; "${NAME}" takes the environment variable WDS_NAME);
+- an index JSON as written by mokd-shards: {"shardlist": [{"url": ..., "nsamples": ...}, ...]},
   where a relative url is relative to the folder holding the JSON (so a shard folder can be moved whole).
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import json
 import os
 
-import braceexpand
+from webdataset.shardlists import expand_urls
 
 # URL schemes that webdataset's gopen can stream from; these are not checked for existence.
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://")
@@ -38,7 +39,7 @@ def _read_index_json(path: str) -> ShardList:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"shard index {path!r} cannot be read as JSON ({err}); "
-                         "write it with tools/make_shards.py") from err
+                         "write it with mokd-shards") from err
     entries = index.get("shardlist") if isinstance(index, dict) else None
     if not entries:
         raise ValueError(f"shard index {path!r} has no non-empty 'shardlist'; "
@@ -57,13 +58,6 @@ def _read_index_json(path: str) -> ShardList:
     return ShardList(urls=urls, nsamples=counts if has_all_counts else None)
 
 
-def _expand_pattern(spec: str) -> list[str]:
-    urls = []
-    for part in spec.split("::"):
-        urls.extend(braceexpand.braceexpand(part.strip()))
-    return urls
-
-
 def resolve_shards(spec: str, what: str = "data.train_shards") -> ShardList:
     """Resolve `spec` into shard URLs; `what` names the config key in error messages."""
     if not spec or not spec.strip():
@@ -75,9 +69,9 @@ def resolve_shards(spec: str, what: str = "data.train_shards") -> ShardList:
             raise ValueError(f"{what}: shard index {spec!r} does not exist")
         shards = _read_index_json(spec)
     else:
-        shards = ShardList(urls=_expand_pattern(spec), nsamples=None)
+        shards = ShardList(urls=expand_urls(spec), nsamples=None)
     missing = [u for u in shards.urls if not is_remote(u) and not os.path.isfile(u)]
     if missing:
         raise ValueError(f"{what}: {len(missing)} of {len(shards.urls)} shards do not exist, "
-                         f"first {missing[0]!r}; check the pattern or run tools/make_shards.py")
+                         f"first {missing[0]!r}; check the pattern or run mokd-shards")
     return shards

@@ -49,14 +49,14 @@ def synthetic_image(seed: int, image_id: int, size: int, num_classes: int) -> tu
 class SyntheticTrainStream(IterableDataset):
     """Endless micro-batches of synthetic samples, laid out as described in the module docstring."""
 
-    def __init__(self, data_cfg, micro_batch_size, global_batch_size, rank, world_size, seed, start_step):
+    def __init__(self, data_cfg, micro_batch_size, accumulation, rank, world_size, seed, start_step):
         self.augment = MultiCrop.from_config(data_cfg)
         self.image_size = int(data_cfg.synthetic_image_size)
         self.num_classes = int(data_cfg.synthetic_num_classes)
         self.num_images = max(1, int(data_cfg.samples_per_epoch))
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.micro_batch_size, self.accumulation = micro_batch_size, accumulation
+        self.global_batch_size = micro_batch_size * accumulation * world_size
         self.rank, self.world_size, self.seed, self.start_step = rank, world_size, seed, start_step
-        self.accumulation = global_batch_size // (world_size * micro_batch_size)
 
     def first_index(self, micro_batch: int) -> int:
         """Global index of the first sample of this rank's `micro_batch`-th micro-batch."""

@@ -24,6 +24,7 @@ import zlib
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mokd_scale.config import gradient_accumulation_steps, steps_per_epoch
 from mokd_scale.data.multicrop import MultiCrop, stack_crops
 from mokd_scale.data.seeds import mixed_seed, random_state, set_random_state
 from mokd_scale.data.shard_spec import resolve_shards
@@ -154,23 +155,18 @@ class TrainLoader:
                 "next_stream": self.next_stream, "positions": dict(self.positions)}
 
 
-def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
-    per_step = world_size * micro_batch_size
-    if micro_batch_size < 1 or global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size={global_batch_size} must be a multiple of "
-                         f"world_size ({world_size}) x train.micro_batch_size ({micro_batch_size})")
-    return global_batch_size // per_step
-
-
-def build_train_loader(data_cfg, micro_batch_size: int, global_batch_size: int, rank: int,
-                       world_size: int, seed: int, start_step: int = 0, position: dict | None = None) -> TrainLoader:
-    """position: a TrainLoader.state_dict() saved at start_step, to continue exactly from."""
-    accumulation = micro_batches_per_step(global_batch_size, micro_batch_size, world_size)
-    steps_per_epoch = max(1, int(data_cfg.samples_per_epoch) // global_batch_size)
+def build_train_loader(config, rank: int, world_size: int, start_step: int = 0,
+                       position: dict | None = None) -> TrainLoader:
+    """This rank's micro-batches for the recipe `config` (data, train batch sizes, seed); position: a
+    TrainLoader.state_dict() saved at start_step, to continue exactly from."""
+    data_cfg, micro_batch_size, seed = config.data, config.train.micro_batch_size, config.seed
+    accumulation = gradient_accumulation_steps(config, world_size)
+    epoch_steps = steps_per_epoch(config)
+    first_epoch = start_step // epoch_steps
     workers = max(0, int(data_cfg.workers))
     if data_cfg.source == "synthetic":
-        dataset = SyntheticTrainStream(data_cfg, micro_batch_size, global_batch_size, rank,
-                                       world_size, seed, start_step)
+        dataset = SyntheticTrainStream(data_cfg, micro_batch_size, accumulation, rank, world_size, seed,
+                                       start_step)
     elif data_cfg.source == "shards":
         shards = resolve_shards(data_cfg.train_shards, "data.train_shards")
         if len(shards.urls) < world_size * max(1, workers) and rank == 0:
@@ -178,9 +174,9 @@ def build_train_loader(data_cfg, micro_batch_size: int, global_batch_size: int, 
                         "share shards (fine with resampling, but use more shards for real runs)",
                         len(shards.urls), world_size, max(1, workers))
         dataset = ShardTrainStream(shards.urls, data_cfg, micro_batch_size, rank, seed, start_step,
-                                   start_step // steps_per_epoch, steps_per_epoch * accumulation)
+                                   first_epoch, epoch_steps * accumulation)
         if position is not None:
             dataset.continue_from(position, max(1, workers))
     else:
         raise ValueError(f"data.source={data_cfg.source!r}: expected 'shards' or 'synthetic'")
-    return TrainLoader(dataset, workers, steps_per_epoch, accumulation)
+    return TrainLoader(dataset, workers, epoch_steps, accumulation)

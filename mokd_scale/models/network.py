@@ -1,27 +1,32 @@
-"""One MOKD network: backbone + projection head + search head (student or EMA teacher)."""
+"""One MOKD network: backbone + projection head + search head (student or EMA teacher).
+
+In `independent` mode (plain DINO, the paper's baseline) a network has no search head.
+"""
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from mokd_scale.models.backbone import Backbone, create_timm_model, is_vit_arch
+from mokd_scale.models.backbone import Backbone, create_timm_model, is_vit_arch, token_grid
 from mokd_scale.models.last_layer import LAST_LAYER_PARAMETERS
 from mokd_scale.models.projection_head import ProjectionHead
 from mokd_scale.models.search_head import SearchHead
 
 
 class NetworkOutput(NamedTuple):
-    """Outputs for one batch of same-size crops, in the network's compute dtype."""
+    """Outputs for one batch of same-size crops, in the network's compute dtype.
+    The search fields are None for a network without a search head."""
     proj: torch.Tensor  # (B, K) projection-head logits
-    search: torch.Tensor  # (B, K) search-head logits without a query
-    summary: torch.Tensor  # (B, D) detached query for the partner
-    search_tokens: torch.Tensor  # (B, N, D) search-head input (projected + position), for cross-search
+    search: torch.Tensor | None  # (B, K) search-head logits without a query
+    summary: torch.Tensor | None  # (B, D) detached query for the partner
+    search_tokens: torch.Tensor | None  # (B, N, D) search-head input (projected + position), for cross-search
 
 
 class MokdNetwork(nn.Module):
-    def __init__(self, backbone: Backbone, projection_head: ProjectionHead, search_head: SearchHead):
+    def __init__(self, backbone: Backbone, projection_head: ProjectionHead, search_head: SearchHead | None):
         super().__init__()
         self.backbone = backbone
         self.projection_head = projection_head
@@ -29,43 +34,69 @@ class MokdNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> NetworkOutput:
         features = self.backbone(images)
+        proj = self.projection_head(features.pooled)
+        if self.search_head is None:
+            return NetworkOutput(proj, None, None, None)
         projected = self.search_head.project(features.tokens)
         search_tokens = projected + self.search_head.position_embedding(features.grid)
-        return NetworkOutput(
-            proj=self.projection_head(features.pooled),
-            search=self.search_head(search_tokens),
-            summary=self.search_head.summary(features, projected),
-            search_tokens=search_tokens,
-        )
+        return NetworkOutput(proj=proj, search=self.search_head(search_tokens),
+                             summary=self.search_head.summary(features.pooled, projected),
+                             search_tokens=search_tokens)
+
+    def head_names(self) -> tuple[str, ...]:
+        return ("projection_head",) if self.search_head is None else ("projection_head", "search_head")
 
     def last_layer_parameter_names(self) -> list[str]:
-        """Names of both heads' weight-normed last layers (the optimizer's "last_layer" group,
-        frozen during the first epoch); a frozen scale is listed but has requires_grad=False."""
-        names = [f"{head}.{name}" for head in ("projection_head", "search_head") for name in LAST_LAYER_PARAMETERS]
+        """Names of the heads' weight-normed last layers (dropped from the optimizer step while the
+        last layer is frozen); a frozen scale is listed but has requires_grad=False."""
+        names = [f"{head}.{name}" for head in self.head_names() for name in LAST_LAYER_PARAMETERS]
         missing = set(names) - {name for name, _ in self.named_parameters()}
         assert not missing, f"last-layer parameters renamed: {missing}"
         return names
 
     def no_weight_decay_parameter_names(self) -> list[str]:
-        """Biases, norm weights and the weight-norm scales (a gain, not a weight)."""
-        return [name for name, p in self.named_parameters()
-                if p.ndim <= 1 or name.endswith(".bias") or name.endswith("last_layer.scale")]
+        """Biases and other 1-D tensors (norm weights), as DINO and the authors exclude them. The
+        weight-norm scale, shaped (K, 1), is decayed when trainable, as in the authors' code."""
+        return [name for name, p in self.named_parameters() if p.ndim <= 1 or name.endswith(".bias")]
 
 
-def build_network(net_cfg, mokd_cfg, search_dim: int) -> MokdNetwork:
-    """A randomly initialised network from networks.a / networks.b and the mokd section."""
+def build_network(config, name: str, teacher: bool = False, search_dim: int | None = None) -> MokdNetwork:
+    """Network `name` ("a" or "b") of a recipe, randomly initialised. `search_dim` saves working out
+    the pair's search width again when the caller has it.
+
+    A teacher never drops paths (stochastic depth would make its targets and centres random)
+    and needs no gradient checkpointing; its parameters are the student's, in the same order."""
+    net_cfg, mokd_cfg = getattr(config.networks, name), config.mokd
+    if teacher:
+        net_cfg = dataclasses.replace(net_cfg, drop_path_rate=0.0, grad_checkpointing=False)
+    if search_dim is None and mokd_cfg.mode == "mokd":
+        search_dim = pair_search_dim(config)
     backbone = Backbone(net_cfg.arch, net_cfg.arch_kwargs, net_cfg.drop_path_rate, net_cfg.grad_checkpointing)
     projection_head = ProjectionHead(
         backbone.pooled_dim, mokd_cfg.proj_hidden_dim, mokd_cfg.proj_bottleneck_dim, mokd_cfg.out_dim,
-        use_bn=net_cfg.use_bn_in_head, freeze_scale=net_cfg.freeze_weight_norm_scale)
-    search_head = SearchHead(
-        backbone.token_dim, search_dim, mokd_cfg.search_depth, mokd_cfg.search_head_dim, mokd_cfg.out_dim,
-        summary_is_pooled=backbone.is_vit, freeze_scale=net_cfg.freeze_weight_norm_scale)
+        use_bn=net_cfg.proj_batchnorm, freeze_scale=net_cfg.proj_freeze_scale)
+    search_head = None
+    if mokd_cfg.mode == "mokd":
+        search_head = SearchHead(
+            backbone.token_dim, search_dim, mokd_cfg.search_depth, search_heads(search_dim, mokd_cfg),
+            mokd_cfg.out_dim, base_grid=token_grid(net_cfg.arch, net_cfg.arch_kwargs, config.data.global_crop_size),
+            summary_is_pooled=backbone.is_vit, freeze_scale=net_cfg.search_freeze_scale,
+            l2_normalize=mokd_cfg.search_l2_normalize)
     return MokdNetwork(backbone, projection_head, search_head)
 
 
+def search_heads(search_dim: int, mokd_cfg) -> int:
+    if search_dim % mokd_cfg.search_head_dim != 0:
+        raise ValueError(f"search width {search_dim} (mokd.search_dim or the ViT's width) is not a multiple of "
+                         f"mokd.search_head_dim={mokd_cfg.search_head_dim}")
+    return search_dim // mokd_cfg.search_head_dim
+
+
 def pair_search_dim(cfg) -> int:
-    """The search heads' shared width D: mokd.search_dim, or else the ViT's embed dim of the pair."""
+    """The search heads' shared width D: mokd.search_dim, or else the ViT's embed dim of the pair
+    (0 in independent mode, which has no search heads)."""
+    if cfg.mokd.mode == "independent":
+        return 0
     if cfg.mokd.search_dim > 0:
         return cfg.mokd.search_dim
     widths = {vit_width(net) for net in (cfg.networks.a, cfg.networks.b) if is_vit_arch(net.arch)}

@@ -23,19 +23,18 @@ def count(module: nn.Module, trainable_only: bool = False) -> int:
 
 def parameter_counts(network: MokdNetwork) -> dict[str, int]:
     """Parameters per part, plus the total and the trainable total (frozen scales excluded)."""
-    counts = {part: count(getattr(network, part)) for part in PARTS}
+    counts = {part: count(getattr(network, part)) if getattr(network, part) is not None else 0 for part in PARTS}
     counts["total"] = count(network)
     counts["trainable"] = count(network, trainable_only=True)
     return counts
 
 
 def recipe_counts(cfg) -> dict[str, dict[str, int]]:
-    search_dim = pair_search_dim(cfg)
     counts = {}
     for name in ("a", "b"):
-        net_cfg = getattr(cfg.networks, name)
         with torch.device("meta"):
-            counts[f"{name}: {net_cfg.arch}"] = parameter_counts(build_network(net_cfg, cfg.mokd, search_dim))
+            network = build_network(cfg, name)
+        counts[f"{name}: {getattr(cfg.networks, name).arch}"] = parameter_counts(network)
     return counts
 
 
@@ -51,14 +50,13 @@ def format_table(counts: dict[str, dict[str, int]], search_dim: int, out_dim: in
 
 
 def main(argv=None) -> None:
-    from mokd_scale.config import load_config
+    from mokd_scale.config import add_set_argument, load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="recipe name (e.g. vitl16_r152) or YAML path")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable")
+    add_set_argument(parser)
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.set)
     print(format_table(recipe_counts(cfg), pair_search_dim(cfg), cfg.mokd.out_dim))
 
 

@@ -19,7 +19,7 @@ import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from mokd_scale.data.imagenet_folder import UnreadableImage, read_image_file, to_rgb_jpeg
+from mokd_scale.shards.imagenet_folder import UnreadableImage, read_image_file, to_rgb_jpeg
 
 FIXED_MTIME = 0
 FILE_MODE = 0o644

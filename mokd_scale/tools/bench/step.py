@@ -1,13 +1,13 @@
-"""bench.py step: images/s, model FLOP/s and MFU of the real MOKD step, against a plain DDP loop.
+"""mokd-bench step: images/s, model FLOP/s and MFU of the real MOKD step, against a plain DDP loop.
 
-    python tools/bench.py step [--config tiny_cpu] [--set KEY=VALUE ...] [--zero 0|1|2|3]
+    mokd-bench step [--config tiny_cpu] [--set KEY=VALUE ...] [--zero 0|1|2|3]
                                [--nproc 2] [--steps 10] [--warmup 2] [--rounds 2] [--out FILE]
 
 "ours" is Coordinator.train_step over two Learners (DeepSpeed engines, fp32 EMA teachers), exactly
 what mokd-train runs. "ddp" is the authors' way of running the same math: both students wrapped in
 torch DDP, both forwards, one backward of the summed losses, torch optimizers, fp32 EMA teachers.
 Both loops get the same crops (pre-built synthetic micro-batches, so the data pipeline is not
-timed; see `bench.py data` for that) and the same MOKD terms (mokd_scale.mokd_terms, Centers).
+timed; see `mokd-bench data` for that) and the same MOKD terms (mokd_scale.mokd_terms, Centers).
 
 Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
 micro-batch on the meta device (no memory, exact shapes): both teachers' forwards on the global
@@ -29,22 +29,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import math
 import os
 import queue
 import resource
-import sys
 import time
 import traceback
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mokd_scale import dist  # noqa: E402
-from mokd_scale.config import Config, load_config, validate_world_size  # noqa: E402
+from mokd_scale import dist
+from mokd_scale.config import Config, add_set_argument, load_config, validate_world_size
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
@@ -55,9 +52,8 @@ BENCH_DEFAULTS = ["data.source=synthetic", "data.workers=0"]
 
 def add_recipe_args(parser: argparse.ArgumentParser, default_config: str = "tiny_cpu") -> None:
     parser.add_argument("--config", default=default_config, help="recipe name (mokd_scale/configs/) or YAML path")
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                        help="recipe overrides, applied after the bench defaults (data.source=synthetic, "
-                             "data.workers=0) and after --zero")
+    add_set_argument(parser, "recipe fields (after the bench defaults data.source=synthetic, data.workers=0 "
+                             "and after --zero)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="ranks to spawn on this machine (gloo on CPU, nccl on GPUs); ignored under "
                              "torchrun/srun, where every launched process is a rank")
@@ -213,9 +209,7 @@ def device_name(device: torch.device) -> str:
 def bench_micro_batches(config: Config, info: dist.DistInfo, count: int) -> list[dict]:
     """`count` distinct micro-batches of this rank, built before timing and reused cyclically."""
     from mokd_scale.data import build_train_loader
-    train = config.train
-    loader = iter(build_train_loader(config.data, train.micro_batch_size, train.global_batch_size,
-                                     info.rank, info.world_size, config.seed, 0))
+    loader = iter(build_train_loader(config, info.rank, info.world_size))
     return [next(loader) for _ in range(count)]
 
 
@@ -256,15 +250,13 @@ def mokd_step_flops(config: Config) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mokd_scale.losses import Centers
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
     from mokd_scale.mokd_terms import network_losses, teacher_forward
 
-    search_dim = pair_search_dim(config)
     data, batch = config.data, config.train.micro_batch_size
     with torch.device("meta"):
-        # No checkpointing: recomputation is hardware work, not model work.
-        networks = {name: build_network(dataclasses.replace(getattr(config.networks, name), grad_checkpointing=False),
-                                        config.mokd, search_dim) for name in ("a", "b")}
+        # Built as teachers: no checkpointing (recomputation is hardware work, not model work).
+        networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in ("a", "b")}
         centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum) for name in ("a", "b")}
         crops = [torch.empty(batch, 3, data.global_crop_size, data.global_crop_size) for _ in range(2)]
         crops += [torch.empty(batch, 3, data.local_crop_size, data.local_crop_size)
@@ -338,6 +330,7 @@ class DdpStep:
     def __init__(self, config: Config, info: dist.DistInfo):
         from mokd_scale.learner import build_optimizer, parameter_groups, read_deepspeed_json, resolve_precision
         from mokd_scale.losses import Centers
+        from mokd_scale.learner import make_teacher
         from mokd_scale.models import build_network, pair_search_dim
         from mokd_scale.schedules import Schedules
 
@@ -349,14 +342,14 @@ class DdpStep:
         self.clip = {}
         for name in ("a", "b"):
             net_cfg = getattr(config.networks, name)
-            self.clip[name] = float(read_deepspeed_json(net_cfg).get("gradient_clipping", 3.0))  # same as ours
-            network = build_network(net_cfg, config.mokd, search_dim)
+            self.clip[name] = net_cfg.clip_grad
+            network = build_network(config, name, search_dim=search_dim)
+            teacher = make_teacher(config, name, network, search_dim)
             if info.device.type == "cuda" and info.world_size > 1:
                 network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # as DINO does with BatchNorm
+                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
             network.to(info.device)
-            teacher = copy.deepcopy(network).float()
-            teacher.requires_grad_(False)
-            self.teachers[name] = teacher
+            self.teachers[name] = teacher.to(info.device)
             self.dtypes[name] = resolve_precision(net_cfg.precision, info.device)
             self.optimizers[name] = build_optimizer(net_cfg, parameter_groups(network))
             device_ids = [info.device] if info.device.type == "cuda" else None
@@ -385,16 +378,18 @@ class DdpStep:
                 if not last:  # gradient accumulation: all-reduce only on the last micro-batch
                     for student in self.students.values():
                         stack.enter_context(student.no_sync())
-                self.micro_step(batch, values["teacher_temperature"], len(micro_batches))
+                self.micro_step(batch, values, len(micro_batches))
         for name, optimizer in self.optimizers.items():
-            if self.clip[name] > 0:  # one global L2 norm per network, as the engine does
-                torch.nn.utils.clip_grad_norm_(self.students[name].parameters(), self.clip[name])
+            if self.clip[name] > 0:  # per tensor, as DINO's and the authors' clip_gradients
+                for param in self.students[name].parameters():
+                    if param.grad is not None:
+                        torch.nn.utils.clip_grad_norm_(param, self.clip[name])
             optimizer.step()
         self.update_teachers(values["teacher_momentum"])
         for centers in self.centers.values():
             centers.update()
 
-    def micro_step(self, batch: dict, teacher_temperature: float, accumulation: int) -> None:
+    def micro_step(self, batch: dict, values: dict, accumulation: int) -> None:
         from mokd_scale.data import normalize_crops
         from mokd_scale.mokd_terms import teacher_forward
 
@@ -405,7 +400,8 @@ class DdpStep:
             teacher.train()
             targets[name] = teacher_forward(teacher, crops[:2], compute_dtype=self.dtypes[name])
         outputs = {name: student(crops) for name, student in self.students.items()}
-        total = sum(self.network_loss(name, outputs[name], targets, teacher_temperature) for name in ("a", "b"))
+        total = sum(self.network_loss(name, outputs[name], targets, values[f"teacher_temperature.{name}"])
+                    for name in ("a", "b"))
         loss = total / accumulation
         if not math.isfinite(loss.item()):  # the authors' per-rank check
             raise FloatingPointError(f"non-finite loss {loss.item()}")
@@ -628,7 +624,7 @@ def step_table(report: dict) -> str:
 
 
 def parse_step_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py step", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mokd-bench step", description=__doc__.split("\n")[0])
     add_recipe_args(parser)
     parser.add_argument("--zero", type=int, choices=sorted(ZERO_CONFIGS), default=None,
                         help="ZeRO stage for both networks: 0 -> ds_configs/zero0_fp32_cpu.json, "

@@ -1,6 +1,6 @@
-"""bench.py memory: what each ZeRO stage holds per rank, measured (tiny recipe) and projected (flagship).
+"""mokd-bench memory: what each ZeRO stage holds per rank, measured (tiny recipe) and projected (flagship).
 
-    python tools/bench.py memory [--stages 0,1,2,3] [--nproc 2] [--steps 1] [--out FILE]
+    mokd-bench memory [--stages 0,1,2,3] [--nproc 2] [--steps 1] [--out FILE]
                                  [--flagship vitl16_r152] [--gpus-per-node 8] [--nodes 4]
 
 Measured: for each stage, both networks of the tiny recipe (AdamW on both, so the stages compare
@@ -27,7 +27,7 @@ import io
 
 import torch
 
-from bench_step import (OurStep, add_recipe_args, all_ranks_max, batches_for_step, bench_config,
+from mokd_scale.tools.bench.step import (OurStep, add_recipe_args, all_ranks_max, batches_for_step, bench_config,
                         bench_micro_batches, device_name, launch, load_average, peak_memory_bytes,
                         recipe_overrides, reset_peak_memory, start_rank)
 from mokd_scale import dist
@@ -142,16 +142,15 @@ def largest_layer_params(network) -> int:
 
 def flagship_counts(config_name: str) -> dict:
     from mokd_scale.config import load_config
-    from mokd_scale.models import build_network, pair_search_dim
+    from mokd_scale.models import build_network
     from mokd_scale.models.summary import parameter_counts
 
     config = load_config(config_name)
-    search_dim = pair_search_dim(config)
     counts = {}
     for name in ("a", "b"):
         net_cfg = getattr(config.networks, name)
         with torch.device("meta"):
-            network = build_network(net_cfg, config.mokd, search_dim)
+            network = build_network(config, name)
         counts[name] = {"arch": net_cfg.arch, "optimizer": net_cfg.optimizer, **parameter_counts(network),
                         "largest_layer": largest_layer_params(network)}
     return counts
@@ -246,7 +245,7 @@ def projection_lines(projection: dict) -> list[str]:
 
 
 def parse_memory_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bench.py memory", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mokd-bench memory", description=__doc__.split("\n")[0])
     add_recipe_args(parser)
     parser.set_defaults(nproc=2)
     parser.add_argument("--stages", default="0,1,2,3", help="comma-separated ZeRO stages to measure")

@@ -6,16 +6,14 @@ the per-DataLoader-worker speed-up. The reference is DINO's DataAugmentationDINO
 decode, then torchvision RandomResizedCrop / flip / ColorJitter / grayscale / PIL Gaussian blur /
 solarize, ToTensor and Normalize per crop.
 
-    python tools/bench_data.py [--images 64] [--seconds 8] [--locals 8] [--loader-workers N] [--json out.json]
+    mokd-bench data [--images 64] [--seconds 8] [--locals 8] [--loader-workers N] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import random
-import sys
 import tarfile
 import tempfile
 import time
@@ -25,8 +23,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mokd_scale.data.multicrop import MultiCrop, stack_crops  # noqa: E402
+from mokd_scale.data.multicrop import MultiCrop, stack_crops
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -134,10 +131,12 @@ def _loader_images_per_s(jpegs: list[bytes], workers: int, seconds: float, num_l
     DataLoader workers (wall time: this one needs the machine to itself)."""
     from mokd_scale.data import build_train_loader
     with tempfile.TemporaryDirectory() as folder:
-        cfg = types.SimpleNamespace(**vars(_dino_data_cfg(num_locals)), source="shards",
-                                    train_shards=_write_bench_shards(jpegs, folder), workers=workers,
-                                    shuffle_buffer=64, samples_per_epoch=1281167)
-        batches = iter(build_train_loader(cfg, 32, 32, rank=0, world_size=1, seed=0))
+        data = types.SimpleNamespace(**vars(_dino_data_cfg(num_locals)), source="shards",
+                                     train_shards=_write_bench_shards(jpegs, folder), workers=workers,
+                                     shuffle_buffer=64, samples_per_epoch=1281167)
+        recipe = types.SimpleNamespace(data=data, seed=0, train=types.SimpleNamespace(micro_batch_size=32,
+                                                                                      global_batch_size=32))
+        batches = iter(build_train_loader(recipe, rank=0, world_size=1))
         next(batches)  # worker start-up
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -148,14 +147,14 @@ def _loader_images_per_s(jpegs: list[bytes], workers: int, seconds: float, num_l
 
 
 def run_data_bench(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="bench.py data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mokd-bench data", description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=64, help="number of distinct JPEGs")
     parser.add_argument("--seconds", type=float, default=8.0, help="CPU seconds per pipeline per round")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (noise on shared CPUs)")
     parser.add_argument("--locals", type=int, default=8, help="local crops per image")
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="also time the whole shard loader with this many workers (0: skip)")
-    parser.add_argument("--json", default="", help="also write the result here")
+    parser.add_argument("--out", default="", help="write the JSON result here instead of stdout")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     jpegs = make_bench_jpegs(args.images)
@@ -185,12 +184,11 @@ def run_data_bench(argv=None) -> dict:
     if args.loader_workers:
         rate = _loader_images_per_s(jpegs, args.loader_workers, args.seconds, args.locals)
         result[f"loader_{args.loader_workers}_workers_images_per_s"] = round(rate, 1)
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
     return result
 
 
-if __name__ == "__main__":
-    run_data_bench(sys.argv[1:])
+def data_table(report: dict) -> str:
+    line = (f"multi-crop images/s per worker (1 thread, {report['local_crops']} locals): torchvision reference "
+            f"{report['reference_images_per_s']}, ours {report['ours_images_per_s']} ({report['speedup']}x)")
+    loader = [f"{k}: {v}" for k, v in report.items() if k.startswith("loader_")]
+    return "\n".join([line, *loader])
