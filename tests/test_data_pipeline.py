@@ -6,7 +6,10 @@ import io
 import itertools
 import json
 import random
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +413,36 @@ def test_eval_centre_crop_matches_torchvision_resize_and_crop():
     expected = np.asarray(TF.center_crop(TF.resize(img, 64, TF.InterpolationMode.BICUBIC), 56))
     ours = eval_pixels(jpeg, 64, 56)
     assert ours.shape == (56, 56, 3) and np.abs(ours.astype(int) - expected).mean() < 1.0
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_loader_workers_end_with_their_rank():
+    """A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
+    output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
+    finishes the batches it was asked for, then notices its parent is gone within 5 s."""
+    code = ("from mokd_scale.config import load_config\n"
+            "from mokd_scale.data import build_train_loader\n"
+            "config = load_config('tiny_cpu', ['data.source=synthetic', 'data.workers=1',\n"
+            "                                  'data.synthetic_image_size=640'])\n"
+            "batches = iter(build_train_loader(config, 0, 1))\n"
+            "next(batches)\n"
+            "print('ready', flush=True)\n"
+            "import time; time.sleep(120)\n")
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        workers = [int(pid) for pid in Path(f"/proc/{rank.pid}/task/{rank.pid}/children").read_text().split()]
+        assert workers and all(alive(pid) for pid in workers)
+    finally:
+        rank.kill()
+        rank.wait()
+    deadline = time.monotonic() + 2.5
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)
