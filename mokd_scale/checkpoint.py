@@ -127,17 +127,21 @@ def write_errors_recorded(engine, step: int, errors: list[str]):
     """DeepSpeed's save runs collectives between its writes: a rank whose write raised would leave the
     others waiting in the next one until the collective timeout. During the save, a write that fails
     (a full disk) is recorded instead, and the ranks agree on the outcome afterwards."""
-    # (object, method, index of its path argument)
     writers = [(engine.checkpoint_engine, "makedirs", 0), (engine.checkpoint_engine, "save", 1),
-               (engine, "_copy_recovery_script", 0)]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in writers if hasattr(owner, name)]
-    for (owner, name, original), (_, _, path_index) in zip(originals, writers):
-        setattr(owner, name, recording_errors(original, path_index, step, errors))
+               (engine, "_copy_recovery_script", 0)]  # (object, method, index of its path argument)
+    patched = []
+    for owner, name, path_index in writers:
+        if hasattr(owner, name):
+            patched.append((owner, name, vars(owner).get(name)))  # None: the class's method
+            setattr(owner, name, recording_errors(getattr(owner, name), path_index, step, errors))
     try:
         yield
     finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
+        for owner, name, own in patched:
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
 
 
 def recording_errors(write, path_index: int, step: int, errors: list[str]):
