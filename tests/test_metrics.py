@@ -49,14 +49,15 @@ def test_writer_appends_json_lines_and_grouped_tensorboard_tags(tmp_path):
     writer = MetricsWriter(tmp_path, enabled=True)
     writer.write(1, {"a.loss": 1.5, "b.self_proj": 0.5, "images_per_s": 10.0, "lr.a": 1e-3, "teacher_momentum": 0.99,
                      "skipped_samples": 0})
-    writer.write(2, {"a.loss": 1.25, "images_per_s": 11.0, "knn.b.top1": 42.0})
+    writer.write(2, {"a.loss": 1.25, "images_per_s": 11.0, "knn.b.top1": 42.0, "teacher_temperature.b": 0.05})
     writer.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert rows[1] == {"step": 2, "a.loss": 1.25, "images_per_s": 11.0, "knn.b.top1": 42.0}
+    assert rows[1] == {"step": 2, "a.loss": 1.25, "images_per_s": 11.0, "knn.b.top1": 42.0, "teacher_temperature.b": 0.05}
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["data/skipped_samples", "knn/b/top1", "perf/images_per_s",
-                                                "sched/lr_a", "sched/teacher_momentum", "train/a/loss",
+                                                "sched/lr_a", "sched/teacher_momentum", "sched/teacher_temperature_b",
+                                                "train/a/loss",
                                                 "train/b/self_proj"]
     assert [(e.step, e.value) for e in events.Scalars("train/a/loss")] == [(1, 1.5), (2, 1.25)]
     assert not MetricsWriter(tmp_path / "off", enabled=False).enabled and not (tmp_path / "off").exists()

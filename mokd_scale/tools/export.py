@@ -10,7 +10,10 @@ from a local folder, so one line rebuilds the backbone with its weights,
     model = timm.create_model("local-dir:exports/vit_a", pretrained=True)
 
 (num_classes=0: the model returns the pooled features used in training), and
-timm.data.resolve_data_config(model=model) gives the evaluation preprocessing of the run.
+timm.data.resolve_data_config(model=model) gives the evaluation preprocessing of the run. At that
+input size a ViT computes exactly the training teacher's features; at other sizes timm resizes the
+position embedding its own way (to a size, antialiased) where training resizes it by factor as DINO
+does, so features there differ slightly.
 config.json's "mokd" entry records the run, step, network and which weights were exported.
 
 The teacher (the EMA network, the one to evaluate and fine-tune) is exported by default;

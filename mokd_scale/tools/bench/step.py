@@ -253,11 +253,13 @@ def mokd_step_flops(config: Config) -> dict:
     from mokd_scale.models import build_network
     from mokd_scale.mokd_terms import network_losses, teacher_forward
 
+    independent = config.mokd.mode == "independent"
     data, batch = config.data, config.train.micro_batch_size
     with torch.device("meta"):
         # Built as teachers: no checkpointing (recomputation is hardware work, not model work).
         networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in ("a", "b")}
-        centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum) for name in ("a", "b")}
+        centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum, with_search=not independent)
+                   for name in ("a", "b")}
         crops = [torch.empty(batch, 3, data.global_crop_size, data.global_crop_size) for _ in range(2)]
         crops += [torch.empty(batch, 3, data.local_crop_size, data.local_crop_size)
                   for _ in range(data.num_local_crops)]
@@ -268,8 +270,9 @@ def mokd_step_flops(config: Config) -> dict:
     for name, partner in (("a", "b"), ("b", "a")):
         counter = FlopCounterMode(display=False)
         with counter:
-            terms = network_losses(networks[name], crops, teachers[name], teachers[partner], networks[partner],
-                                   centers[name], centers[partner], 0.04, 0.1,
+            terms = network_losses(networks[name], crops, teachers[name], None if independent else teachers[partner],
+                                   None if independent else networks[partner], centers[name],
+                                   None if independent else centers[partner], 0.04, 0.1,
                                    getattr(config.networks, name).lambda_cross)
             terms.total.backward()
         flops[f"student_{name}_fwd_bwd_and_cross_targets"] = counter.get_total_flops()
@@ -323,26 +326,25 @@ class MultiCropStudent(nn.Module):
 
 class DdpStep:
     """The authors' engine and ordering around our math: torch DDP students, both forwards, then
-    one backward of L_A + L_B, torch.nn.utils.clip_grad_norm_, torch optimizers, fp32 EMA teachers."""
+    one backward of L_A + L_B, the recipe's clipping (per tensor or global), torch optimizers, fp32 EMA
+    teachers."""
 
     name = "ddp"
 
     def __init__(self, config: Config, info: dist.DistInfo):
-        from mokd_scale.learner import build_optimizer, parameter_groups, read_deepspeed_json, resolve_precision
+        from mokd_scale.learner import build_optimizer, make_teacher, parameter_groups, resolve_precision
         from mokd_scale.losses import Centers
-        from mokd_scale.learner import make_teacher
         from mokd_scale.models import build_network, pair_search_dim
         from mokd_scale.schedules import Schedules
 
         torch.manual_seed(config.seed)
         self.config, self.device = config, info.device
         self.schedules = Schedules.build(config)
-        search_dim = pair_search_dim(config)
+        self.independent = config.mokd.mode == "independent"
+        search_dim = None if self.independent else pair_search_dim(config)
         self.students, self.teachers, self.optimizers, self.centers, self.dtypes = {}, {}, {}, {}, {}
-        self.clip = {}
         for name in ("a", "b"):
             net_cfg = getattr(config.networks, name)
-            self.clip[name] = net_cfg.clip_grad
             network = build_network(config, name, search_dim=search_dim)
             teacher = make_teacher(config, name, network, search_dim)
             if info.device.type == "cuda" and info.world_size > 1:
@@ -351,11 +353,12 @@ class DdpStep:
             network.to(info.device)
             self.teachers[name] = teacher.to(info.device)
             self.dtypes[name] = resolve_precision(net_cfg.precision, info.device)
-            self.optimizers[name] = build_optimizer(net_cfg, parameter_groups(network))
+            self.optimizers[name] = build_optimizer(net_cfg, parameter_groups(network, net_cfg.search_head_schedule))
             device_ids = [info.device] if info.device.type == "cuda" else None
             self.students[name] = nn.parallel.DistributedDataParallel(
                 MultiCropStudent(network, self.dtypes[name]), device_ids=device_ids)
-            self.centers[name] = Centers(config.mokd.out_dim, config.mokd.center_momentum).to(info.device)
+            self.centers[name] = Centers(config.mokd.out_dim, config.mokd.center_momentum,
+                                         with_search=not self.independent).to(info.device)
 
     def dtype(self) -> torch.dtype:
         return self.dtypes["a"]
@@ -363,9 +366,10 @@ class DdpStep:
     def apply_schedule(self, values: dict, frozen: bool) -> None:
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
+                owner = ("b" if name == "a" else "a") if group.get("schedule") == "partner" else name
                 last = frozen and group.get("kind") == "last_layer"
-                group["lr"] = 0.0 if last else values[f"lr.{name}"]
-                group["weight_decay"] = values[f"wd.{name}"] if group.get("apply_weight_decay") else 0.0
+                group["lr"] = 0.0 if last else values[f"lr.{owner}"]
+                group["weight_decay"] = values[f"wd.{owner}"] if group.get("apply_weight_decay") else 0.0
 
     def step(self, step: int, micro_batches: list[dict]) -> None:
         values = self.schedules.at(step)
@@ -380,14 +384,24 @@ class DdpStep:
                         stack.enter_context(student.no_sync())
                 self.micro_step(batch, values, len(micro_batches))
         for name, optimizer in self.optimizers.items():
-            if self.clip[name] > 0:  # per tensor, as DINO's and the authors' clip_gradients
-                for param in self.students[name].parameters():
-                    if param.grad is not None:
-                        torch.nn.utils.clip_grad_norm_(param, self.clip[name])
+            self.clip_gradients(name)
             optimizer.step()
         self.update_teachers(values["teacher_momentum"])
         for centers in self.centers.values():
             centers.update()
+
+    def clip_gradients(self, name: str) -> None:
+        """The recipe's rule, as the engine applies it: each tensor's norm to clip_grad, or one global norm."""
+        from mokd_scale.gradients import clip_pieces
+
+        net_cfg = getattr(self.config.networks, name)
+        grads = [p.grad for p in self.students[name].parameters() if p.grad is not None]
+        if net_cfg.clip_grad <= 0 or not grads:
+            return
+        if net_cfg.clip_mode == "global":
+            torch.nn.utils.clip_grad_norm_(self.students[name].parameters(), net_cfg.clip_grad)
+            return
+        clip_pieces(grads, torch.stack(torch._foreach_norm(grads)).tolist(), net_cfg.clip_grad)
 
     def micro_step(self, batch: dict, values: dict, accumulation: int) -> None:
         from mokd_scale.data import normalize_crops
@@ -410,13 +424,15 @@ class DdpStep:
             self.centers[name].accumulate(outputs_of.proj, outputs_of.search)
 
     def network_loss(self, name: str, student_out, targets: dict, teacher_temperature: float) -> torch.Tensor:
-        """The four terms of network_losses(), computed from a student output already in hand."""
+        """The terms of network_losses(), computed from a student output already in hand."""
         from mokd_scale.losses import dino_cross_entropy, paired_cross_entropy
         from mokd_scale.mokd_terms import cross_search_targets
 
         partner = "b" if name == "a" else "a"
         own, theirs = targets[name], targets[partner]
         temps = (teacher_temperature, self.config.mokd.student_temperature)
+        if self.independent:
+            return dino_cross_entropy(student_out.proj, own.proj, *temps, center=self.centers[name].proj)
         cross_targets = cross_search_targets(self.teachers[partner], theirs, student_out.local_queries,
                                              self.dtypes[name])
         self_proj = dino_cross_entropy(student_out.proj, own.proj, *temps, center=self.centers[name].proj)
