@@ -1,15 +1,25 @@
-"""Save / resume / prune. A checkpoint is whole or absent (docs/design.md, invariant 6).
+"""Save / verify / resume / prune / read. A checkpoint is whole or absent (docs/design.md, invariant 6).
 
 Layout of OUTPUT/checkpoints/:
-    latest                      the newest complete tag; written last, by atomic rename
-    step_00001234/a/            network a's DeepSpeed engine (tag folder "a")
-    step_00001234/b/            network b's engine (own folder: two engines must not share one)
-    step_00001234/mokd_state.pt teachers (fp32), centres, step, world size, resolved config
-    step_00001234/rng_rank{r}.pt  per-rank RNG states
-A crash anywhere before `latest` is replaced leaves the previous checkpoint in charge.
+    latest                       the newest complete tag; written last, by atomic rename
+    step_00001234/a/             network a's DeepSpeed engine (tag folder "a")
+    step_00001234/b/             network b's engine (own folder: two engines must not share one)
+    step_00001234/mokd_state.pt  teachers (fp32), centres, step, world size, resolved config
+    step_00001234/rank{r}.pt     rank r's RNG states and data-stream position
+    step_00001234/manifest.json  every file above with its size; checksums of MOKD's own files
+A crash anywhere before `latest` is replaced leaves the previous checkpoint in charge. Resume checks a
+tag against its manifest before trusting it, and falls back to the newest intact earlier tag.
+
+Trust: DeepSpeed reads its engine files with torch.load(weights_only=False), which runs whatever code
+a crafted file carries; resume only checkpoints you (or your jobs) wrote. MOKD's own files load with
+weights_only=True.
+
+This module is the only reader of checkpoints: training resumes through choose_resume/restore, tools
+read through find_tag, read_state, teacher_weights and student_weights.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -21,15 +31,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mokd_scale import dist
+from mokd_scale import dist, faults, manifest
+from mokd_scale.manifest import MANIFEST
 
 LATEST = "latest"
 STATE_FILE = "mokd_state.pt"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
+GIB = 1024 ** 3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """A save failed on some rank and was abandoned; raised on every rank alike. The previous
+    checkpoint and `latest` are untouched."""
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank}.pt"
 
 
 def read_latest(checkpoint_dir: Path) -> str | None:
@@ -42,52 +67,162 @@ def read_latest(checkpoint_dir: Path) -> str | None:
 
 def write_latest(checkpoint_dir: Path, tag: str) -> None:
     """Atomic: a reader sees the old tag or the new one, never a torn file."""
-    tmp = checkpoint_dir / f".{LATEST}.tmp-{os.getpid()}"
-    with open(tmp, "w") as handle:
-        handle.write(tag + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, checkpoint_dir / LATEST)
-
-
-def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state: dict, keep_last: int) -> str:
-    """Collective: every rank calls it at the same step. Returns the tag."""
-    tag = tag_for(step)
-    tag_dir = Path(checkpoint_dir) / tag
-    for name, learner in learners.items():
-        learner.engine.save_checkpoint(str(tag_dir), tag=name, save_latest=False)
-        kill_here_for_tests(step)
-    torch.save(rng_state(), tag_dir / f"rng_rank{dist.rank()}.pt")
-    if dist.rank() == 0:
-        state = {**extra_state, "step": step, "world_size": dist.world_size(),
-                 "teachers": {name: learner.teacher.state_dict() for name, learner in learners.items()},
-                 "centers": {name: learner.centers.state_dict() for name, learner in learners.items()}}
-        save_atomically(state, tag_dir / STATE_FILE)
-    dist.barrier()  # every rank's files are on disk before the pointer moves
-    if dist.rank() == 0:
-        write_latest(Path(checkpoint_dir), tag)
-        prune(Path(checkpoint_dir), keep_last)
-    dist.barrier()
-    return tag
-
-
-def kill_here_for_tests(step: int) -> None:
-    """Fault injection: MOKD_TEST_KILL_IN_SAVE=<step> dies by SIGKILL between the two engines' saves."""
-    if os.environ.get("MOKD_TEST_KILL_IN_SAVE") == str(step):
-        os.kill(os.getpid(), 9)
+    manifest.write_text_atomically(Path(checkpoint_dir) / LATEST, tag + "\n")
 
 
 def save_atomically(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{manifest.TEMPORARY_MARK}{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
+
+
+def tags_in(checkpoint_dir: Path) -> list[str]:
+    """Tag folder names, oldest first (the zero-padded step sorts as text)."""
+    if not Path(checkpoint_dir).is_dir():
+        return []
+    return sorted(p.name for p in Path(checkpoint_dir).iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
+
+
+# ----------------------------------------------------------------------------------------- save
+def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state: dict, keep_last: int,
+                    rank_state: dict | None = None) -> str:
+    """Collective: every rank calls it at the same step. Returns the tag.
+
+    Every rank writes its files and reports the outcome; rank 0 then writes the manifest and moves
+    `latest`, and the ranks leave together, so a rank that exits right after this returns never cuts
+    another rank's write short. A failed write anywhere raises CheckpointWriteFailed on every rank."""
+    checkpoint_dir = Path(checkpoint_dir)
+    tag = tag_for(step)
+    tag_dir = checkpoint_dir / tag
+    clear_interrupted_save(checkpoint_dir, tag)
+    errors: list[str] = []
+    for learner in learners.values():
+        with write_errors_recorded(learner.engine, step, errors):
+            learner.save_engine(tag_dir)
+        faults.between_engine_saves(step)
+    faults.before_rank_files(step)
+    digests = write_own_files(tag_dir, step, learners, extra_state, rank_state, errors)
+    reports = dist.all_gather_object((first_of(errors), manifest.list_files(tag_dir), digests))  # all written
+    errors = [error for report in reports for error in report[0]]
+    if not errors and dist.rank() == 0:
+        errors = commit(checkpoint_dir, tag, step, reports, keep_last)
+    errors = dist.broadcast_object(errors)
+    if errors:
+        if dist.rank() == 0 and read_latest(checkpoint_dir) != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # give back the space the failed save took
+        raise CheckpointWriteFailed(describe_failure(checkpoint_dir, tag, errors))
+    return tag
+
+
+def clear_interrupted_save(checkpoint_dir: Path, tag: str) -> None:
+    """Files of an earlier, interrupted save of the same tag (another world size, say) must not end
+    up in the new tag's manifest."""
+    if dist.rank() == 0 and (checkpoint_dir / tag).exists() and read_latest(checkpoint_dir) != tag:
+        shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
+    dist.barrier()
+
+
+@contextlib.contextmanager
+def write_errors_recorded(engine, step: int, errors: list[str]):
+    """DeepSpeed's save runs collectives between its writes: a rank whose write raised would leave the
+    others waiting in the next one until the collective timeout. During the save, a write that fails
+    (a full disk) is recorded instead, and the ranks agree on the outcome afterwards."""
+    writers = [(engine.checkpoint_engine, "makedirs", 0), (engine.checkpoint_engine, "save", 1),
+               (engine, "_copy_recovery_script", 0)]  # (object, method, index of its path argument)
+    patched = []
+    for owner, name, path_index in writers:
+        if hasattr(owner, name):
+            patched.append((owner, name, vars(owner).get(name)))  # None: the class's method
+            setattr(owner, name, recording_errors(getattr(owner, name), path_index, step, errors))
+    try:
+        yield
+    finally:
+        for owner, name, own in patched:
+            if own is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+
+
+def recording_errors(write, path_index: int, step: int, errors: list[str]):
+    def guarded(*args, **kwargs):
+        path = args[path_index] if len(args) > path_index else kwargs.get("path", "?")
+        try:
+            faults.before_checkpoint_write(step, path)
+            return write(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - torch.save reports a full disk as a RuntimeError
+            errors.append(write_error(path, error))
+    return guarded
+
+
+def first_of(errors: list[str]) -> list[str]:
+    """One rank's first failure says what went wrong; the ones after it mostly follow from it."""
+    if len(errors) <= 1:
+        return errors
+    return [f"{errors[0]} (and {len(errors) - 1} more writes on rank {dist.rank()})"]
+
+
+def write_error(path, error: Exception) -> str:
+    return f"rank {dist.rank()}: writing {path} failed: {type(error).__name__}: {error}"
+
+
+def write_own_files(tag_dir: Path, step: int, learners: dict, extra_state: dict, rank_state: dict | None,
+                    errors: list[str]) -> dict[str, str]:
+    """This rank's RNG and data position, and on rank 0 the MOKD state. Returns name -> sha256."""
+    files = {rank_file_name(dist.rank()): {"rng": rng_state(), "data": rank_state}}
+    if dist.rank() == 0:
+        files[STATE_FILE] = {**extra_state, "step": step, "world_size": dist.world_size(), **compose(learners)}
+    digests = {}
+    for name, obj in files.items():
+        try:
+            faults.before_checkpoint_write(step, tag_dir / name)
+            save_atomically(obj, tag_dir / name)
+            digests[name] = manifest.sha256_of(tag_dir / name)
+        except Exception as error:  # noqa: BLE001 - as above
+            errors.append(write_error(tag_dir / name, error))
+    return digests
+
+
+def compose(learners: dict) -> dict:
+    """The learners' own states, grouped by kind (the layout tools read)."""
+    states = {name: learner.state_dict() for name, learner in learners.items()}
+    return {"teachers": {name: state["teacher"] for name, state in states.items()},
+            "centers": {name: state["centers"] for name, state in states.items()}}
+
+
+def commit(checkpoint_dir: Path, tag: str, step: int, reports: list, keep_last: int) -> list[str]:
+    """Rank 0, once every rank's files are written: manifest, then `latest`, then prune."""
+    sizes: dict[str, int] = {}
+    digests: dict[str, str] = {}
+    for _, listing, own_digests in reports:
+        for name, size in listing.items():  # a rank may see another node's file late, never larger
+            sizes[name] = max(size, sizes.get(name, 0))
+        digests.update(own_digests)
+    try:
+        manifest.write_manifest(checkpoint_dir / tag, step, sizes, digests)
+        write_latest(checkpoint_dir, tag)
+    except OSError as error:
+        return [write_error(checkpoint_dir / tag / MANIFEST, error)]
+    prune(checkpoint_dir, keep_last)
+    return []
+
+
+def describe_failure(checkpoint_dir: Path, tag: str, errors: list[str]) -> str:
+    latest = read_latest(checkpoint_dir)
+    free = shutil.disk_usage(checkpoint_dir).free / GIB if checkpoint_dir.exists() else 0.0
+    needed = manifest.total_bytes(checkpoint_dir / latest) / GIB if latest else 0.0
+    shown = "\n  ".join(errors[:4]) + (f"\n  ... and {len(errors) - 4} more" if len(errors) > 4 else "")
+    return (f"checkpoint {tag} could not be written:\n  {shown}\n"
+            f"{free:.1f} GiB free in {checkpoint_dir}; a checkpoint takes about {needed:.1f} GiB. The previous "
+            f"checkpoint ({latest or 'none'}) is untouched and `latest` still names it: make room (or move "
+            f"output_dir) and start the run again to resume from it.")
 
 
 def prune(checkpoint_dir: Path, keep_last: int) -> None:
     """Keep the newest keep_last complete tags; never the one `latest` names; drop stale partial tags."""
     latest = read_latest(checkpoint_dir)
-    tags = sorted(p.name for p in checkpoint_dir.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-    complete = [t for t in tags if (checkpoint_dir / t / STATE_FILE).is_file()]
+    tags = tags_in(checkpoint_dir)
+    complete = [t for t in tags if (checkpoint_dir / t / MANIFEST).is_file()]
     keep = set(complete[-keep_last:]) | {latest}
     newest_complete = complete[-1] if complete else ""
     for tag in tags:
@@ -97,7 +232,10 @@ def prune(checkpoint_dir: Path, keep_last: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator this process draws from, in types torch.load(weights_only=True) accepts."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -105,32 +243,75 @@ def rng_state() -> dict:
 
 def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
-    """--resume auto|none|PATH → the tag folder to load, or None for a fresh start."""
+# --------------------------------------------------------------------------------------- resume
+def choose_resume(resume: str, checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
+    """--resume auto|none|PATH -> (the tag folder to load, or None for a fresh start; warnings to log).
+
+    Raises CheckpointError when checkpoints exist but none can be trusted: a run never starts from
+    scratch over checkpoints it could not read."""
     if resume == "none":
-        return None
+        return None, []
     if resume == "auto":
-        tag = read_latest(checkpoint_dir)
-        return checkpoint_dir / tag if tag else None
+        return newest_intact(Path(checkpoint_dir))
     path = Path(resume)
-    if (path / STATE_FILE).is_file():
-        return path
-    tag = read_latest(path)
-    if tag:
-        return path / tag
-    raise FileNotFoundError(f"--resume {resume!r}: neither a checkpoint tag folder (with {STATE_FILE}) nor a "
-                            f"checkpoints folder with a '{LATEST}' file")
+    if (path / MANIFEST).is_file() or (path / STATE_FILE).is_file():
+        return explicit_tag(path)
+    if read_latest(path) or tags_in(path):
+        return newest_intact(path)
+    raise CheckpointError(f"--resume {resume!r}: neither a checkpoint tag folder (step_XXXXXXXX) nor a "
+                          f"checkpoints folder with a '{LATEST}' file")
+
+
+def explicit_tag(tag_dir: Path) -> tuple[Path, list[str]]:
+    """A tag the user named: used if intact; without a manifest (an older mokd_scale) with a warning."""
+    if not (tag_dir / MANIFEST).is_file():
+        return tag_dir, [f"{tag_dir} has no {MANIFEST}: it cannot be checked, resuming from it as asked"]
+    problems = manifest.verify(tag_dir)
+    if problems:
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged: {'; '.join(problems)}. Resume from another "
+                              f"tag (--resume {tag_dir.parent}/step_XXXXXXXX) or restore the files.")
+    return tag_dir, []
+
+
+def newest_intact(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
+    """The tag `latest` names if intact, else the newest intact tag before it."""
+    latest = read_latest(checkpoint_dir)
+    tags = tags_in(checkpoint_dir)
+    warnings = []
+    if latest is not None and latest not in tags:
+        warnings.append(f"{LATEST} names {latest}, which does not exist")
+    candidates = [tag for tag in reversed(tags) if latest is None or tag <= latest]
+    for tag in candidates:
+        problems = manifest.verify(checkpoint_dir / tag)
+        if not problems:
+            if tag != latest:
+                warnings.append(f"resuming from {tag}, the newest intact checkpoint before "
+                                f"{latest or 'the missing latest'}")
+            return checkpoint_dir / tag, warnings
+        warnings.append(f"checkpoint {tag} is not usable: {'; '.join(problems)}")
+    if latest is None:  # interrupted saves only: nothing was ever committed here
+        if warnings:
+            warnings.append("no checkpoint was completed here yet: starting from scratch")
+        return None, warnings
+    raise CheckpointError(
+        f"no usable checkpoint in {checkpoint_dir}:\n  " + "\n  ".join(warnings) +
+        f"\nNothing was changed. Restore the damaged files, resume from another copy with --resume PATH "
+        f"(MOKD_RESUME in the job script), or start afresh with --resume none in a new output_dir.")
 
 
 def load_state(tag_dir: Path) -> dict:
-    """MOKD state of a checkpoint (our own files only: torch.load unpickles)."""
-    return torch.load(tag_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    """MOKD state of a checkpoint: tensors and plain values only, so no code is unpickled."""
+    try:
+        return torch.load(Path(tag_dir) / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for a bad file
+        raise CheckpointError(f"cannot read {Path(tag_dir) / STATE_FILE}: {error}") from error
 
 
 ENGINE, UNIVERSAL, WEIGHTS_ONLY = "engine", "universal", "weights_only"
@@ -144,26 +325,20 @@ def resume_plan(state: dict, zero_stage: int, optimizer: str) -> str:
     return UNIVERSAL if optimizer == "adamw" else WEIGHTS_ONLY
 
 
-def restore(tag_dir: Path, learners: dict, state: dict, plans: dict[str, str]) -> None:
-    """Load engines (per plan), teachers, centres and, at the same world size, this rank's RNG."""
+def restore(tag_dir: Path, learners: dict, state: dict, plans: dict[str, str]) -> dict | None:
+    """Load engines (per plan), teachers and centres, and at the same world size this rank's RNG.
+    Returns this rank's data-stream position, or None where it does not apply (another world size)."""
     for name, learner in learners.items():
         plan = plans.get(name, ENGINE)
         if plan != WEIGHTS_ONLY:  # weights-only students were loaded before deepspeed.initialize
-            engine_tag = universal_dir_name(name) if plan == UNIVERSAL else name
-            path, _ = learner.engine.load_checkpoint(str(tag_dir), tag=engine_tag, load_lr_scheduler_states=False)
-            if path is None:
-                raise FileNotFoundError(f"checkpoint {tag_dir} has no engine state for network {name}")
-        learner.teacher.load_state_dict(state["teachers"][name])
-        learner.centers.load_state_dict(state["centers"][name])
-    rng_file = tag_dir / f"rng_rank{dist.rank()}.pt"
-    if state.get("world_size") == dist.world_size() and rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
-
-
-def consolidated_student(tag_dir: Path, name: str) -> dict:
-    """fp32 student weights rebuilt from any ZeRO stage's shards (DeepSpeed's zero_to_fp32)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag=name)
+            learner.load_engine(tag_dir, universal_dir_name(name) if plan == UNIVERSAL else None)
+        learner.load_state_dict({"teacher": state["teachers"][name], "centers": state["centers"][name]})
+    rank_file = Path(tag_dir) / rank_file_name(dist.rank())
+    if state.get("world_size") != dist.world_size() or not rank_file.is_file():
+        return None
+    saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+    restore_rng(saved["rng"])
+    return saved.get("data")
 
 def universal_dir_name(name: str) -> str:
     return f"{name}_universal"
@@ -184,26 +359,15 @@ def convert_to_universal(tag_dir: Path, name: str) -> None:
     dist.barrier()
 
 
-# ------------------------------------------------------------------ readers for tools (eval, export)
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says what is wrong and what to do."""
-
-
-def tags_in(checkpoint_dir: Path) -> list[str]:
-    """Tag folder names, oldest first (the zero-padded step sorts as text)."""
-    if not Path(checkpoint_dir).is_dir():
-        return []
-    return sorted(p.name for p in Path(checkpoint_dir).iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
-
-
+# ---------------------------------------------------------------------------------- for the tools
 def find_tag(path: str | Path, tag: str | None = None) -> Path:
     """A run folder, its checkpoints folder or a tag folder, and optionally a tag (step_XXXXXXXX or a
-    step number; default: `latest`) -> the tag folder."""
+    step number; default: `latest`) -> the tag folder, checked against its manifest."""
     root = Path(path)
     if not root.exists():
         raise CheckpointError(f"checkpoint folder {root} does not exist: pass OUTPUT/checkpoints of a run")
-    if tag is None and (root / STATE_FILE).is_file():
-        return root
+    if tag is None and ((root / MANIFEST).is_file() or (root / STATE_FILE).is_file()):
+        return explicit_tag(root)[0]
     if read_latest(root) is None and (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if tag is None:
@@ -213,9 +377,9 @@ def find_tag(path: str | Path, tag: str | None = None) -> Path:
                                   f"pass a tag, one of {tags_in(root)}")
     if tag.isdigit():
         tag = tag_for(int(tag))
-    if not (root / tag / STATE_FILE).is_file():
-        raise CheckpointError(f"checkpoint {root / tag} not found or incomplete; available tags: {tags_in(root)}")
-    return root / tag
+    if not (root / tag).is_dir():
+        raise CheckpointError(f"checkpoint {root / tag} not found; available tags: {tags_in(root)}")
+    return explicit_tag(root / tag)[0]
 
 
 def read_state(tag_dir: Path) -> dict:
@@ -237,7 +401,8 @@ def student_weights(tag_dir: Path, network: str) -> dict[str, torch.Tensor]:
     if not engine_dir.is_dir():
         raise CheckpointError(f"{engine_dir} not found: no DeepSpeed save of network {network!r} in {tag_dir}")
     if list(engine_dir.glob("*zero_pp_rank_*optim_states.pt")):
-        return consolidated_student(tag_dir, network)
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir), tag=network)
     model_file = engine_dir / "mp_rank_00_model_states.pt"
     if not model_file.exists():
         raise CheckpointError(f"{engine_dir} holds neither ZeRO shards nor mp_rank_00_model_states.pt")

@@ -65,6 +65,9 @@ class TrainConfig:
     keep_last: int = 3
     stop_after_steps: int = 0  # end this run cleanly after N more steps (0: run to `steps`)
     knn_every: int = 0  # 0: no periodic k-NN
+    # A collective that waits longer than this ends the run (a hung or frozen rank). It must exceed the
+    # longest healthy wait: a checkpoint save or k-NN pass on a slow rank, the first step's loader warm-up.
+    collective_timeout_s: float = 600.0
     compile: bool = False  # torch.compile each block and head (mokd_scale/models/compile.py); for GPUs
 
 
@@ -311,6 +314,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
     for name in ("global_batch_size", "micro_batch_size", "steps", "log_every", "checkpoint_every", "keep_last"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(train, name)}")
+    if train.collective_timeout_s <= 0:
+        raise ConfigError(f"train.collective_timeout_s must be positive seconds, got {train.collective_timeout_s}")
     if train.global_batch_size % train.micro_batch_size:
         raise ConfigError(f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
                           f"train.micro_batch_size ({train.micro_batch_size})")

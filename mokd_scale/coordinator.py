@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mokd_scale import faults
 from mokd_scale.config import Config
 from mokd_scale.data import normalize_crops
 from mokd_scale.learner import Learner
@@ -63,7 +64,7 @@ class Coordinator:
         self.independent = config.mokd.mode == "independent"
         self.term_names = (*loss_terms(config.mokd.mode), "loss")
 
-    def train_step(self, step: int, micro_batches: list[dict], inject_nan: bool = False) -> StepStats:
+    def train_step(self, step: int, micro_batches: list[dict]) -> StepStats:
         """One optimizer step of both networks over this rank's share of the global batch."""
         values = self.schedules.at(step)
         frozen = self.schedules.last_layer_frozen(step)
@@ -71,7 +72,7 @@ class Coordinator:
             learner.apply_schedule(values, PARTNER[name], frozen)
         stats = StepStats(self.term_names)
         for batch in micro_batches:
-            self.micro_step(batch, values, stats, inject_nan)
+            self.micro_step(batch, values, stats, step)
         self.check_gradients(step, stats)
         for name, learner in self.learners.items():
             stats.grad_norm[name] = learner.gradients.global_norm
@@ -81,7 +82,7 @@ class Coordinator:
                 learner.update_teacher(values["teacher_momentum"])
         return stats
 
-    def micro_step(self, batch: dict, values: dict[str, float], stats: StepStats, inject_nan: bool) -> None:
+    def micro_step(self, batch: dict, values: dict[str, float], stats: StepStats, step: int) -> None:
         crops = normalize_crops(batch["crops"], self.device, torch.float32, self.mean, self.std)
         teacher_outputs = {name: self.teacher_outputs(learner, crops[:2]) for name, learner in self.learners.items()}
         for name, learner in self.learners.items():
@@ -91,7 +92,7 @@ class Coordinator:
                 self.learners[partner].teacher if partner else None, learner.centers,
                 self.learners[partner].centers if partner else None, values[f"teacher_temperature.{name}"],
                 self.config.mokd.student_temperature, learner.net_cfg.lambda_cross, compute_dtype=learner.dtype)
-            total = terms.total * float("nan") if inject_nan and name == "a" else terms.total
+            total = faults.poison_loss(step, name, terms.total)
             with phase("student_backward"):
                 learner.engine.backward(total)
             logged = [getattr(terms, term) for term in self.term_names[:-1]] + [total]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 SLURM_PORT_BASE = 20000
 SLURM_PORT_RANGE = 20000
@@ -111,8 +112,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
-    """Create the process group (nccl with CUDA, else gloo) and export RANK etc. for libraries."""
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Create the process group (nccl with CUDA, else gloo) and export RANK etc. for libraries.
+
+    timeout_s bounds every collective: a rank that died or froze ends the others' wait after it
+    (NCCL's watchdog aborts the process when TORCH_NCCL_ASYNC_ERROR_HANDLING is on, its default)."""
     env = launch_env(dict(os.environ))
     os.environ.update(env)  # webdataset and DeepSpeed read these
     rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -120,10 +124,18 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     device = select_device(local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+                                timeout=timeout, device_id=device if device.type == "cuda" else None)
+        apply_timeout_to_new_groups(timeout)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def apply_timeout_to_new_groups(timeout: datetime.timedelta) -> None:
+    """DeepSpeed runs ZeRO's collectives on its own copy of the world group, made by dist.new_group()
+    without a timeout, which takes torch's backend default (NCCL 10 min, gloo 30 min) instead of ours."""
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
 
 
 def select_device(local_rank: int) -> torch.device:
@@ -183,6 +195,15 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
     return torch.cat([part[: int(n.item())] for part, n in zip(gathered, lengths)])
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's picklable object, in rank order, on every rank; also a barrier."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj, src: int = 0):

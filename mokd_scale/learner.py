@@ -6,6 +6,7 @@ bf16 EMA loses the (1 - m)·Δ increment when m is close to 1 (docs/design.md, i
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -148,6 +149,26 @@ class Learner:
     @property
     def student(self) -> nn.Module:
         return self.engine.module
+
+    # --- checkpoint parts (mokd_scale/checkpoint.py composes them) ---------------------------------
+    def state_dict(self) -> dict:
+        """What lives outside the engine: the fp32 teacher and the centres (world-size independent)."""
+        return {"teacher": self.teacher.state_dict(), "centers": self.centers.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+        self.centers.load_state_dict(state["centers"])
+
+    def save_engine(self, tag_dir: Path) -> None:
+        """Collective: the student and its optimizer state under tag_dir/<name>/ (DeepSpeed's layout)."""
+        self.engine.save_checkpoint(str(tag_dir), tag=self.name, save_latest=False)
+
+    def load_engine(self, tag_dir: Path, engine_tag: str | None = None) -> None:
+        """engine_tag: the folder under tag_dir (default: this network's name; a universal copy has its own)."""
+        path, _ = self.engine.load_checkpoint(str(tag_dir), tag=engine_tag or self.name,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {tag_dir} has no engine state for network {self.name}")
 
     def apply_schedule(self, values: dict[str, float], partner: str, last_layer_frozen: bool) -> None:
         """Write this step's lr / wd into the engine's groups (ZeRO passes them through) and tell the

@@ -3,8 +3,21 @@
     mokd-train --config tiny_cpu|r50_vits16|vitl16_r152|PATH.yaml [--set key=value ...] [--resume auto|none|PATH]
 
 Launch with torchrun, with srun inside a Slurm job (see slurm/), or as one process.
-Exit codes: 0 finished (or stopped after train.stop_after_steps), 2 bad config or usage,
-3 non-finite loss (a diagnostic checkpoint is kept), 75 preempted (checkpoint saved; requeue me).
+
+Exit codes (every rank exits with the same one):
+  0   finished (or stopped after train.stop_after_steps)
+  2   bad config or usage
+  3   non-finite loss (a diagnostic checkpoint is kept beside checkpoints/)
+  4   checkpoints exist but none can be resumed (the message says what is wrong and what to do)
+  74  a checkpoint could not be written (disk full?); the previous one is intact
+  75  preempted: checkpoint saved, requeue me
+Anything else (a traceback, a signal) is a failure a restart may cure; slurm/mokd_vitl_r152.sh
+restarts those, and only those, a bounded number of times.
+
+Exit protocol: the ranks leave together. A checkpoint save returns on no rank before every rank's
+files and `latest` are written, and after the run a final barrier waits for rank 0's logs to be
+flushed, so a launcher that ends all ranks as soon as one exits (srun --kill-on-bad-exit, torchrun)
+never cuts a write short.
 """
 from __future__ import annotations
 
@@ -12,6 +25,7 @@ import argparse
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -19,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mokd_scale import checkpoint, dist
+from mokd_scale import checkpoint, dist, faults
 from mokd_scale.config import Config, ConfigError, add_set_argument, load_config, to_dict, validate_world_size, write_config
 from mokd_scale.coordinator import Coordinator, NonFiniteLoss
 from mokd_scale.learner import Learner, zero_stage_of
@@ -29,6 +43,8 @@ from mokd_scale.schedules import Schedules
 
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
+EXIT_RESUME = 4
+EXIT_SAVE_FAILED = 74
 EXIT_PREEMPTED = 75
 
 
@@ -52,12 +68,22 @@ def main(argv=None) -> int:
         print(f"mokd-train: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     owns_process_group = not dist.is_dist()  # a caller's group (tests, notebooks) stays up
-    info = dist.init_distributed()
+    info = dist.init_distributed(config.train.collective_timeout_s)
     try:
-        return Trainer(config, info, args.resume).run()
+        return train(config, info, args.resume)
     finally:
         if owns_process_group:
             dist.destroy()
+
+
+def train(config: Config, info: dist.DistInfo, resume: str) -> int:
+    try:
+        trainer = Trainer(config, info, resume)
+    except checkpoint.CheckpointError as error:  # every rank gets the same verdict from rank 0
+        if info.is_main:
+            print(f"mokd-train: cannot resume: {error}", file=sys.stderr, flush=True)
+        return EXIT_RESUME
+    return trainer.run()
 
 
 class PreemptionFlag:
@@ -78,10 +104,13 @@ class Trainer:
         self.info = info
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.resume_dir = checkpoint.resolve_resume(resume, self.checkpoint_dir)
-        self.log(f"mokd-train rank {info.rank}/{info.world_size} ready on {info.device}", all_ranks=True)
+        self.log(f"mokd-train rank {info.rank}/{info.world_size} ready on {info.device} "
+                 f"(host {socket.gethostname()}, pid {os.getpid()})", all_ranks=True)
+        self.resume_dir = self.choose_resume(resume)
         self.schedules = Schedules.build(config)
         self.start_step = 0
+        self.data_position = None  # this rank's data-stream position saved in the checkpoint
+        self.loader = None
         self.learners = self.build_learners()
         self.coordinator = Coordinator(config, self.learners, self.schedules, info.device)
         self.preemption = PreemptionFlag()
@@ -92,6 +121,25 @@ class Trainer:
             prefix = f"[rank{self.info.rank}] " if all_ranks else ""
             print(prefix + message, flush=True)
 
+    def choose_resume(self, resume: str) -> Path | None:
+        """Rank 0 checks the checkpoints against their manifests; every rank loads what it chose."""
+        verdict = None
+        if self.info.is_main:
+            try:
+                verdict = (*checkpoint.choose_resume(resume, self.checkpoint_dir), None)
+            except checkpoint.CheckpointError as error:
+                verdict = (None, [], str(error))
+        tag_dir, warnings, error = dist.broadcast_object(verdict)
+        for warning in warnings:
+            self.log(f"WARNING: {warning}")
+        if error:
+            raise checkpoint.CheckpointError(error)
+        if self.info.is_main and resume == "auto" and tag_dir is not None \
+                and checkpoint.read_latest(self.checkpoint_dir) != tag_dir.name:
+            # `latest` now names what the run continues from; the next save of the damaged tag's step replaces it.
+            checkpoint.write_latest(self.checkpoint_dir, tag_dir.name)
+        return tag_dir
+
     def build_learners(self) -> dict[str, Learner]:
         state = checkpoint.load_state(self.resume_dir) if self.resume_dir else None
         plans = self.resume_plans(state) if state is not None else {}
@@ -101,15 +149,16 @@ class Trainer:
         learners = {}
         for name in ("a", "b"):
             plan = plans.get(name)
-            weights = checkpoint.consolidated_student(self.resume_dir, name) if plan == checkpoint.WEIGHTS_ONLY else None
+            weights = checkpoint.student_weights(self.resume_dir, name) if plan == checkpoint.WEIGHTS_ONLY else None
             learners[name] = Learner(name, self.config, search_dim, self.info.device, self.info.world_size,
                                      load_universal=plan == checkpoint.UNIVERSAL, initial_weights=weights)
+        self.start_step = int(state["step"]) if state is not None else 0
+        # Replaced by the saved generators where they apply (same world size).
+        seed_everything(self.config.seed * 1000 + self.info.rank + self.start_step)
         if state is not None:
-            checkpoint.restore(self.resume_dir, learners, state, plans)
-            self.start_step = int(state["step"])
+            self.data_position = checkpoint.restore(self.resume_dir, learners, state, plans)
             self.log(f"resumed from {self.resume_dir.name} (step {self.start_step}, saved by "
                      f"{state.get('world_size')} ranks, now {self.info.world_size})")
-        seed_everything(self.config.seed * 1000 + self.info.rank + self.start_step)
         return learners
 
     def resume_plans(self, state: dict) -> dict[str, str]:
@@ -135,29 +184,40 @@ class Trainer:
         if train.stop_after_steps > 0:
             end = min(end, self.start_step + train.stop_after_steps)
         try:
-            return self.loop(self.start_step, end)
+            code = self.loop(self.start_step, end)
         except NonFiniteLoss as error:
-            self.save_diagnostic(error.step)
-            self.log(f"mokd-train: {error}; diagnostic checkpoint in {self.diagnostic_dir(error.step)}; "
-                     f"lower the lr or check the data", all_ranks=True)
-            return EXIT_NON_FINITE
+            code = self.stop_on_non_finite(error)
+        except checkpoint.CheckpointWriteFailed as error:
+            self.log(f"mokd-train: {error}")
+            code = EXIT_SAVE_FAILED
         finally:
             self.writer.close()
+        dist.barrier()  # the ranks leave together (module docstring)
+        return code
+
+    def stop_on_non_finite(self, error: NonFiniteLoss) -> int:
+        try:
+            self.save_diagnostic(error.step)
+        except checkpoint.CheckpointWriteFailed as failure:
+            self.log(f"mokd-train: {error}; the diagnostic checkpoint failed too: {failure}")
+            return EXIT_NON_FINITE
+        self.log(f"mokd-train: {error}; diagnostic checkpoint in {self.diagnostic_dir(error.step)}; "
+                 f"lower the lr or check the data", all_ranks=True)
+        return EXIT_NON_FINITE
 
     def loop(self, start: int, end: int) -> int:
         from mokd_scale.data import build_train_loader
         train = self.config.train
-        loader = build_train_loader(self.config, self.info.rank, self.info.world_size, start)
-        batches, accumulation = iter(loader), loader.micro_batches_per_step
+        self.loader = build_train_loader(self.config, self.info.rank, self.info.world_size, start, self.data_position)
+        batches, accumulation = iter(self.loader), self.loader.micro_batches_per_step
         meter = StepAccumulator(self.config.mokd.out_dim, self.info.device, self.coordinator.term_names)
-        inject_nan_at = int(os.environ.get("MOKD_TEST_NAN_AT_STEP", "-1"))  # fault injection for tests
         self.log(f"training steps {start}..{end} of {train.steps}; {accumulation} micro-batch(es) of "
-                 f"{train.micro_batch_size} per rank per step")
+                 f"{train.micro_batch_size} per rank per step; data {self.data_resume_note()}")
         step = start
         while step < end:
+            faults.step_starts(step)
             micro_batches = [next(batches) for _ in range(accumulation)]
-            nan_here = step == inject_nan_at and self.info.rank == int(os.environ.get("MOKD_TEST_NAN_RANK", "0"))
-            meter.add(self.coordinator.train_step(step, micro_batches, inject_nan=nan_here))
+            meter.add(self.coordinator.train_step(step, micro_batches))
             step += 1
             if step % train.log_every == 0 or step == end:
                 self.log_metrics(step, meter)
@@ -172,6 +232,13 @@ class Trainer:
                 self.save(step)
         self.log(f"done at step {step}")
         return 0
+
+    def data_resume_note(self) -> str:
+        if self.config.data.source == "synthetic":
+            return "synthetic (a function of the step)"
+        if getattr(self.loader.dataset, "continued", False):
+            return "continues the saved stream positions"
+        return "starts fresh streams" + (" (no usable saved position)" if self.start_step else "")
 
     def log_metrics(self, step: int, meter: StepAccumulator) -> None:
         values = meter.reduce()
@@ -196,7 +263,8 @@ class Trainer:
     def save(self, step: int) -> None:
         started = time.monotonic()
         extra = {"config": to_dict(self.config), "data": {"step": step}}
-        tag = checkpoint.save_checkpoint(self.checkpoint_dir, step, self.learners, extra, self.config.train.keep_last)
+        tag = checkpoint.save_checkpoint(self.checkpoint_dir, step, self.learners, extra, self.config.train.keep_last,
+                                         self.loader.state_dict() if self.loader else None)
         self.log(f"checkpoint {tag} saved in {time.monotonic() - started:.1f} s")
 
     def diagnostic_dir(self, step: int) -> Path:

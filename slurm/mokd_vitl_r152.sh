@@ -17,7 +17,9 @@
 #   MOKD_WORKERS        DataLoader workers per GPU (default: cpus-per-task - 2 when it is >= 4, else the recipe's)
 #   MOKD_OVERRIDES      extra config items "key=value key=value", applied last so they win over the above
 #   MOKD_RESUME         auto (default: from <output>/checkpoints/latest if any) | none | a checkpoint path
+#   MOKD_MAX_RESTARTS   restarts after failures, per job (default 3; 0: never restart). See "Failures" below.
 #   NCCL_*, TORCH_NCCL_*  reach every rank unchanged; defaults below (NCCL_DEBUG=WARN, async error handling on)
+#                       (the collective timeout itself is train.collective_timeout_s, e.g. in MOKD_OVERRIDES)
 #   OMP_NUM_THREADS     per rank (default 1: the GPU does the math; loader workers are separate processes)
 #
 # Ranks: srun starts one task per GPU and mokd-train derives rank, world size, local rank, the master
@@ -29,6 +31,14 @@
 # checkpoint and exits 75; this shell then requeues the job, which resumes from that checkpoint with
 # the same job id, name and log. To do the same by hand:  scancel --signal=USR1 --batch JOBID
 # A plain `scancel JOBID` (SIGTERM) also leaves a checkpoint but is not requeued: the job stops.
+#
+# Failures: when one rank dies (out of memory, a GPU error, a lost node), srun ends every rank at once
+# (--kill-on-bad-exit); a rank that hangs or freezes makes the others fail after train.collective_timeout_s.
+# Either way the step ends abnormally and this shell requeues the job, which resumes from `latest`: up
+# to MOKD_MAX_RESTARTS times per job, and never twice from the same checkpoint (a crash that repeats
+# before the next checkpoint is not cured by restarting). Each restart is logged with its reason, count
+# and checkpoint. mokd-train's deliberate stops are not restarted: config error (2), non-finite loss (3),
+# no usable checkpoint (4), checkpoint write failed (74). The count lives in <output>/.slurm_restarts.
 # Logs: <submit dir>/<job name>-<job id>.out (appended across requeues); checkpoints, metrics.jsonl
 # and TensorBoard under the output folder. See docs/cluster.md.
 #
@@ -48,6 +58,8 @@
 set -uo pipefail  # no -e: the exit status of the training step is handled below
 
 EXIT_PREEMPTED=75
+# mokd-train's deliberate stops (mokd_scale/train.py): restarting would end the same way.
+DELIBERATE_STOPS=(2 3 4 74)
 
 say() { echo "mokd-slurm: $*"; }
 
@@ -85,6 +97,7 @@ print_header() {
     say "tasks     ${SLURM_NTASKS:-?} (${SLURM_NTASKS_PER_NODE:-?} per node), gpus per node ${SLURM_GPUS_PER_NODE:-none}, cpus per task ${SLURM_CPUS_PER_TASK:-?}"
     say "recipe    $MOKD_RECIPE"
     say "output    $output_dir"
+    say "restarts  $(restarts_so_far) after failures so far (MOKD_MAX_RESTARTS=$max_restarts)"
     say "python    $(command -v python || echo 'not found: set MOKD_ENV')"
     say "nccl      $(env | grep -E '^(TORCH_)?NCCL_' | sort | tr '\n' ' ')"
     say "command   ${train_cmd[*]}"
@@ -96,6 +109,7 @@ print_header() {
 forward_signal() {
     say "received $1 at $(date -u +%H:%M:%S); forwarding to the training step"
     [ "$1" = USR1 ] && warned=1
+    [ "$1" = TERM ] && terminated=1
     [ -n "${srun_pid:-}" ] && kill -s "$1" "$srun_pid" 2>/dev/null
 }
 
@@ -109,20 +123,93 @@ wait_for_step() {
     done
 }
 
-# Requeue only after the warning signal (time limit, or a deliberate `scancel --signal=USR1 --batch`).
-# After SIGTERM the job is being cancelled (scancel) or preempted (Slurm requeues it itself), and a
-# requeue here would undo the user's scancel.
-requeue_or_exit() {
+# Requeue after the warning signal (time limit, or a deliberate `scancel --signal=USR1 --batch`) and after
+# a failure; never after SIGTERM: the job is being cancelled (scancel) or preempted (Slurm requeues it
+# itself), and a requeue here would undo the user's scancel.
+handle_step_end() {  # handle_step_end STATUS
     local status=$1
-    if [ "$status" = "$EXIT_PREEMPTED" ] && [ "$warned" = 1 ]; then
-        say "checkpoint saved; requeueing job $SLURM_JOB_ID (resumes from $output_dir/checkpoints/latest)"
-        if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
-        say "scontrol requeue failed; resubmit with --job-name=$SLURM_JOB_NAME to resume"
-    elif [ "$status" = "$EXIT_PREEMPTED" ]; then
-        say "stopped by SIGTERM (scancel or preemption) after saving a checkpoint; not requeueing"
-    fi
     say "training step ended with exit code $status at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    exit "$status"
+    if [ "$status" = 0 ]; then exit 0; fi
+    if [ "$terminated" = 1 ]; then
+        say "stopped by SIGTERM (scancel or preemption); not requeueing"
+        exit "$status"
+    fi
+    if [ "$status" = "$EXIT_PREEMPTED" ] && [ "$warned" = 1 ]; then
+        requeue "checkpoint saved; requeueing job $SLURM_JOB_ID (resumes from $(latest_checkpoint))"
+    fi
+    if [ "$status" = "$EXIT_PREEMPTED" ] || [[ " ${DELIBERATE_STOPS[*]} " == *" $status "* ]]; then
+        say "mokd-train stopped deliberately (see its message above); not restarting"
+        exit "$status"
+    fi
+    restart_after_failure "$status"
+}
+
+# A failure is restarted unless the limit is reached or the last restart made no progress.
+restart_after_failure() {  # restart_after_failure STATUS
+    local status=$1 reason latest count resumed_from
+    reason=$(describe_failure "$status")
+    latest=$(latest_checkpoint)
+    read -r count resumed_from < <(restart_record)
+    if [ "$count" -ge "$max_restarts" ]; then
+        say "training failed: $reason. Restart limit reached ($count of MOKD_MAX_RESTARTS=$max_restarts): not restarting"
+        exit "$status"
+    fi
+    if [ "$count" -gt 0 ] && [ "$latest" = "$resumed_from" ]; then
+        say "training failed again: $reason. No progress since restart $count: the latest checkpoint is still" \
+            "$latest, so restarting would fail the same way. Not restarting; fix the cause (errors above) and" \
+            "resubmit with --job-name=$SLURM_JOB_NAME to resume"
+        exit "$status"
+    fi
+    count=$((count + 1))
+    echo "$SLURM_JOB_ID $count $latest" >"$restart_file"
+    requeue "restart $count of $max_restarts after: $reason; requeueing job $SLURM_JOB_ID, which resumes from $latest"
+}
+
+requeue() {  # requeue MESSAGE
+    say "$1"
+    if scontrol requeue "$SLURM_JOB_ID"; then exit 0; fi
+    say "scontrol requeue failed; resubmit with --job-name=$SLURM_JOB_NAME to resume"
+    exit 1
+}
+
+describe_failure() {  # describe_failure STATUS: srun's exit code in words
+    local status=$1
+    if [ "$status" -gt 128 ] && [ "$status" -lt 160 ]; then
+        echo "a rank was killed by SIG$(kill -l $((status - 128)) 2>/dev/null || echo $((status - 128))) (exit code $status; out of memory, a lost node or a kill)"
+    else
+        echo "a rank failed with exit code $status (its error is above; a collective timeout means another rank hung)"
+    fi
+}
+
+latest_checkpoint() {
+    local pointer=$output_dir/checkpoints/latest
+    if [ -s "$pointer" ]; then tr -d '[:space:]' <"$pointer"; else echo none; fi
+}
+
+# "COUNT CHECKPOINT": restarts of this job so far and the checkpoint the last one resumed from.
+restart_record() {
+    local job count resumed_from
+    if [ -f "$restart_file" ] && read -r job count resumed_from <"$restart_file" && [ "$job" = "$SLURM_JOB_ID" ]; then
+        echo "$count $resumed_from"
+    else
+        echo "0 none"  # a new job (a resubmission) starts counting afresh
+    fi
+}
+
+restarts_so_far() {
+    local count _
+    read -r count _ < <(restart_record)
+    echo "$count"
+}
+
+configure() {
+    MOKD_RECIPE=${MOKD_RECIPE:-vitl16_r152}
+    output_dir=${MOKD_OUTPUT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}/runs}/$SLURM_JOB_NAME
+    restart_file=$output_dir/.slurm_restarts
+    max_restarts=${MOKD_MAX_RESTARTS:-3}
+    [[ "$max_restarts" =~ ^[0-9]+$ ]] || { say "MOKD_MAX_RESTARTS=$max_restarts is not a number of restarts"; exit 2; }
+    warned=0
+    terminated=0
 }
 
 main() {
@@ -135,10 +222,9 @@ main() {
     # parses SLURM_JOB_NODELIST only where MASTER_ADDR is unset, e.g. a bare srun).
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
     if [ -n "$MASTER_ADDR" ]; then export MASTER_ADDR; else unset MASTER_ADDR; fi
-    MOKD_RECIPE=${MOKD_RECIPE:-vitl16_r152}
-    output_dir=${MOKD_OUTPUT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}/runs}/$SLURM_JOB_NAME
+    configure
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-    # A rank that dies mid-collective makes the others abort instead of hanging until the time limit.
+    # A collective that outlives train.collective_timeout_s aborts its rank instead of hanging it.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     export PYTHONUNBUFFERED=1  # rank output reaches the log as it happens
@@ -146,17 +232,19 @@ main() {
     print_header
     mkdir -p "$output_dir"
 
-    warned=0
     srun_pid=
     trap 'forward_signal USR1' USR1
     trap 'forward_signal TERM' TERM
-    # --kill-on-bad-exit=0: ranks leave with 75 at slightly different times after a collective save;
-    # killing the step at the first non-zero exit could cut a slower rank's checkpoint write short.
+    # --kill-on-bad-exit=1: the first rank that exits with a non-zero code (or is killed) ends the
+    # whole step at once, instead of leaving the others in a collective until its timeout. Safe for
+    # the planned non-zero exits (75 after a checkpoint, 3, 74): mokd-train's ranks leave together,
+    # after every rank's checkpoint files are written (its exit protocol).
     # --cpus-per-task again: srun of Slurm 22.05 does not inherit it from sbatch.
-    srun --kill-on-bad-exit=0 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${train_cmd[@]}" &
+    srun --kill-on-bad-exit=1 --label --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" "${train_cmd[@]}" &
     srun_pid=$!
     wait_for_step
-    requeue_or_exit $?
+    handle_step_end $?
 }
 
-main "$@"
+# Sourced (by the tests) it only defines the functions.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then main "$@"; fi

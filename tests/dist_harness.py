@@ -22,12 +22,14 @@ class RankFailed(AssertionError):
     pass
 
 
-def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0):
-    """Call fn(rank, world_size, *args) on each rank; return rank 0's result."""
+def run_on_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0, init: bool = True):
+    """Call fn(rank, world_size, *args) on each rank; return rank 0's result. init=False leaves the
+    process group to fn (the launch variables are set)."""
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
+    # Not daemonic: a rank may start DataLoader workers. The `finally` below kills what is left.
+    processes = [context.Process(target=rank_main, args=(fn, rank, world_size, port, args, results, init))
                  for rank in range(world_size)]
     for process in processes:
         process.start()
@@ -66,13 +68,14 @@ def check_alive(processes, outcome: dict, deadline: float, timeout: float) -> No
         raise RankFailed(f"ranks {missing} did not finish within {timeout:.0f} s (hang?)")
 
 
-def rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results) -> None:
+def rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results, init: bool = True) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     import torch
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if init:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         value = fn(rank, world_size, *args)
         # Plain pickle bytes: a tensor sent as-is travels through shared memory that vanishes when
         # this process exits, before the parent may have read it.

@@ -6,7 +6,11 @@ import io
 import itertools
 import json
 import random
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,6 +271,43 @@ def test_train_stream_is_deterministic_per_seed_epoch_rank_worker(tmp_path):
     assert not same_batches(two_workers[:1], two_workers[1:2])  # worker 0 and worker 1 differ
 
 
+def continue_after(config, position, start_step: int, count: int, folder: Path) -> tuple[list[dict], dict]:
+    """Rank 1's batches of a loader resumed at `position`, through a checkpoint-like save/load."""
+    path = folder / "position.pt"
+    torch.save(position, path)
+    loader = build_train_loader(config, 1, 2, start_step, position=torch.load(path, weights_only=True))
+    batches = first_batches(loader, count)
+    return batches, loader.state_dict()
+
+
+@pytest.mark.parametrize("access", ["seek", "stream"])
+def test_a_resumed_loader_continues_every_worker_stream_exactly(tmp_path, access):
+    """Two workers (batches alternate between them), a shuffle buffer spanning shards, epochs of 3
+    micro-batches per worker: stops after 1, 2 and 4 batches, and a second resume on top of the first.
+    Plain .tar files are re-read at the samples' offsets, a pipe: URL from its start."""
+    pattern, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
+    spec = index if access == "seek" else f"pipe:cat {pattern}"
+    config = shard_config(spec, "data.workers=2", "data.shuffle_buffer=5", "data.samples_per_epoch=24",
+                          *batches_of(2, 8))
+    straight = first_batches(build_train_loader(config, 1, 2), 9)
+    for stop in (1, 2, 4):
+        first = build_train_loader(config, 1, 2)
+        consumed = first_batches(first, stop)
+        resumed, position = continue_after(config, first.state_dict(), stop // 2, 2, tmp_path)
+        assert resumed and same_batches(straight[:stop] + resumed, straight[:stop + 2]), stop
+        again, _ = continue_after(config, position, (stop + 2) // 2, 9 - stop - 2, tmp_path)
+        assert same_batches(consumed + resumed + again, straight), stop
+
+
+def test_a_position_saved_with_other_settings_is_not_replayed(tmp_path, caplog):
+    _, index, _ = write_photo_shards(tmp_path, num_shards=2, per_shard=4)
+    first = build_train_loader(shard_config(index, "data.workers=2", *batches_of(2, 8)), 0, 2)
+    first_batches(first, 1)
+    loader = build_train_loader(shard_config(index, "data.workers=1", *batches_of(2, 8)), 0, 2, 1,
+                                position=first.state_dict())
+    assert not loader.dataset.continued and "restart with fresh samples" in caplog.text
+
+
 def test_the_epoch_is_part_of_the_seed(tmp_path):
     from mokd_scale.data.train_loader import ShardTrainStream
     _, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
@@ -372,3 +413,36 @@ def test_eval_centre_crop_matches_torchvision_resize_and_crop():
     expected = np.asarray(TF.center_crop(TF.resize(img, 64, TF.InterpolationMode.BICUBIC), 56))
     ours = eval_pixels(jpeg, 64, 56)
     assert ours.shape == (56, 56, 3) and np.abs(ours.astype(int) - expected).mean() < 1.0
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_loader_workers_end_with_their_rank():
+    """A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
+    output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
+    finishes the batches it was asked for, then notices its parent is gone within 5 s."""
+    code = ("from mokd_scale.config import load_config\n"
+            "from mokd_scale.data import build_train_loader\n"
+            "config = load_config('tiny_cpu', ['data.source=synthetic', 'data.workers=1',\n"
+            "                                  'data.synthetic_image_size=640'])\n"
+            "batches = iter(build_train_loader(config, 0, 1))\n"
+            "next(batches)\n"
+            "print('ready', flush=True)\n"
+            "import time; time.sleep(120)\n")
+    rank = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "ready"
+        workers = [int(pid) for pid in Path(f"/proc/{rank.pid}/task/{rank.pid}/children").read_text().split()]
+        assert workers and all(alive(pid) for pid in workers)
+    finally:
+        rank.kill()
+        rank.wait()
+    deadline = time.monotonic() + 2.5
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in workers)

@@ -78,6 +78,26 @@ def test_hanging_rank_fails_within_timeout():
     assert time.monotonic() - start < 30
 
 
+def time_out_on_a_group_made_later(rank, world_size):
+    """A frozen rank 1; rank 0 waits in a collective on a group made after init, as DeepSpeed's copy
+    of the world group is. Returns how long rank 0 waited."""
+    import time
+    mdist.init_distributed(timeout_s=1.5)
+    group = dist.new_group(list(range(world_size)))
+    if rank == 1:
+        time.sleep(4.5)  # rank 0 gives up meanwhile
+        return None
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?i)timed? ?out"):
+        dist.all_reduce(torch.ones(1), group=group)
+    return time.monotonic() - started
+
+
+def test_collective_timeout_applies_to_groups_made_later():
+    waited = run_on_ranks(time_out_on_a_group_made_later, world_size=2, timeout=60, init=False)
+    assert 1.0 < waited < 4.4  # torch's own default for such a group would be 30 min
+
+
 def raise_on_rank_one(rank, world_size):
     if rank == 1:
         raise RuntimeError("boom on rank one")

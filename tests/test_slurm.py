@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -227,8 +228,12 @@ def test_flagship_script_trains_on_two_nodes(slurm_cluster, tmp_path):
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """Rank 1 writes its part of every checkpoint seconds late (a slow disk): srun ends all ranks when
+    the first exits with 75, so the resume from the preemption checkpoint shows that no rank left
+    before every rank's files were written."""
     steps = 12
     env = flagship_environment(tmp_path, f"{TINY} train.steps={steps} train.checkpoint_every=1000")
+    env["MOKD_FAULTS"] = ",".join(f"slow_save@{step}:1" for step in range(1, steps))  # not the final save
     _, job_id = sbatch([*TWO_CPU_NODES, "--job-name=mokd_preempt", f"--output={tmp_path}/%x-%j.out", str(FLAGSHIP)],
                        env, tmp_path, timeout=30)
     run_dir = tmp_path / "runs" / "mokd_preempt"
@@ -248,6 +253,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     assert re.search(rf"resumed from {saved[0]}\b", log), log
     preempted_at = int(saved[0].removeprefix("step_"))
     assert 2 <= preempted_at < steps
+    assert "is not usable" not in log  # the checkpoint was whole: rank 1's late files included
     # Every step logged exactly once: the second run continues where the first stopped.
     assert metric_steps(run_dir) == list(range(1, steps + 1))
     assert latest_tag(run_dir) == f"step_{steps:08d}"
@@ -261,8 +267,14 @@ def test_scancel_stops_the_job_without_requeue(slurm_cluster, tmp_path):
     stub_bin = tmp_path / "bin"
     stub_bin.mkdir()
     stub = stub_bin / "mokd-train"
+    # Like mokd-train, the stub ranks leave together (here: once both have "saved"), or srun's
+    # --kill-on-bad-exit would end the slower one at the first one's exit 75.
+    saved = tmp_path / "saved"
+    saved.mkdir()
     stub.write_text("#!/bin/bash\n"
-                    "trap 'echo \"stub rank $SLURM_PROCID saved\"; exit 75' USR1 TERM\n"
+                    f"leave() {{ echo \"stub rank $SLURM_PROCID saved\"; touch '{saved}'/$SLURM_PROCID;\n"
+                    f"         until [ -e '{saved}/0' ] && [ -e '{saved}/1' ]; do sleep 0.1; done; exit 75; }}\n"
+                    "trap leave USR1 TERM\n"
                     "echo \"stub rank $SLURM_PROCID ready\"\n"
                     "while true; do sleep 0.2; done\n")
     stub.chmod(0o755)
@@ -298,3 +310,87 @@ def wait_for_training(job_id: str, run_dir: Path, log_path: Path, min_step: int,
         assert job_listed(job_id), f"job {job_id} ended before training reached step {min_step}:\n{log}"
         assert time.monotonic() < deadline, f"no step {min_step} after {timeout:.0f} s:\n{log}"
         time.sleep(0.5)
+
+
+# --- failures: a rank killed, a rank frozen, a crash that repeats ---------------------------------
+
+def rank_pids(log: str, rank: int) -> list[int]:
+    """Pids of `rank` in the order its runs started (one "ready" line per run)."""
+    return [int(pid) for pid in re.findall(rf"^{rank}: .*mokd-train rank {rank}/2 ready .*pid (\d+)\)", log, re.M)]
+
+
+def wait_for_log(log_path: Path, pattern: str, job_id: str, timeout: float) -> float:
+    """Until `pattern` appears in the job log; returns when (time.monotonic())."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = log_path.read_text(errors="replace") if log_path.exists() else ""
+        if re.search(pattern, log, re.M):
+            return time.monotonic()
+        assert job_listed(job_id), f"job {job_id} ended without {pattern!r}:\n{log}"
+        assert time.monotonic() < deadline, f"no {pattern!r} after {timeout:.0f} s:\n{log}"
+        time.sleep(0.2)
+
+
+def wait_for_pids(log_path: Path, runs: int, job_id: str, timeout: float) -> int:
+    """Rank 1's pid in the job's run number `runs` (1-based), once that run trains."""
+    wait_for_log(log_path, rf"(?s)(mokd-train rank 1/2 ready.*){{{runs}}}", job_id, timeout)
+    return rank_pids(read_log(log_path), 1)[runs - 1]
+
+
+def test_a_killed_rank_then_a_frozen_rank_each_end_the_job_which_restarts_and_finishes(slurm_cluster, tmp_path):
+    """Run 1: kill -9 of rank 1 -> the step ends within 60 s (srun --kill-on-bad-exit) and the job
+    requeues itself. Run 2 resumes from `latest`; rank 1 frozen with SIGSTOP -> rank 0's collective
+    times out (train.collective_timeout_s) and the job requeues again. Run 3 finishes at the right step."""
+    steps, timeout_s = 12, 10
+    env = flagship_environment(tmp_path, f"{TINY} train.steps={steps} train.checkpoint_every=2 "
+                                         f"train.collective_timeout_s={timeout_s}")
+    _, job_id = sbatch([*TWO_CPU_NODES, "--job-name=mokd_faults", f"--output={tmp_path}/%x-%j.out", str(FLAGSHIP)],
+                       env, tmp_path, timeout=30)
+    run_dir = tmp_path / "runs" / "mokd_faults"
+    log_path = tmp_path / f"mokd_faults-{job_id}.out"
+    timings = {}
+    try:
+        wait_for_training(job_id, run_dir, log_path, min_step=3, timeout=300)
+        os.kill(wait_for_pids(log_path, 1, job_id, 30), 9)
+        killed = time.monotonic()
+        timings["kill_to_step_end_s"] = wait_for_log(log_path, r"restart 1 of 3 after", job_id, 90) - killed
+        resumed_from = latest_tag(run_dir)
+        frozen_pid = wait_for_pids(log_path, 2, job_id, 120)
+        timings["step_end_to_next_run_ready_s"] = time.monotonic() - killed - timings["kill_to_step_end_s"]
+        wait_for_training(job_id, run_dir, log_path, min_step=int(resumed_from[5:]) + 3, timeout=120)
+        os.kill(frozen_pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        timings["sigstop_to_step_end_s"] = wait_for_log(log_path, r"restart 2 of 3 after", job_id, timeout_s + 90) - frozen
+        wait_until_gone(job_id, timeout=240)
+        timings["whole_job_s"] = time.monotonic() - killed
+    finally:
+        scancel(job_id)
+    print(f"failure timings: {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+    log = read_log(log_path)
+    assert timings["kill_to_step_end_s"] < 60, log
+    assert timings["sigstop_to_step_end_s"] < timeout_s + 60, log
+    restarts = re.findall(r"mokd-slurm: (restart \d of 3 after: .*)", log)
+    assert len(restarts) == 2, log
+    assert "a rank was killed by SIGKILL" in restarts[0] and f"resumes from {resumed_from}" in restarts[0]
+    assert "a rank failed with exit code" in restarts[1], restarts
+    assert re.search(rf"resumed from {resumed_from}\b", log) and "restart_count=2" in log, log
+    assert re.search(r"Timed out|timed out|timeout", log), "the frozen rank's peer should report a timeout"
+    assert latest_tag(run_dir) == f"step_{steps:08d}"
+    assert max(metric_steps(run_dir)) == steps and set(metric_steps(run_dir)) == set(range(1, steps + 1))
+    record = final_record(job_id)
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", record
+
+
+def test_a_crash_that_repeats_stops_after_a_restart_without_progress(slurm_cluster, tmp_path):
+    env = flagship_environment(tmp_path, f"{TINY} train.steps=4 train.checkpoint_every=1")
+    env["MOKD_FAULTS"] = "crash@1:1"  # rank 1 raises as it starts step 2, every time
+    started = time.monotonic()
+    code, job_id = sbatch([*TWO_CPU_NODES, "--wait", "--job-name=mokd_crash", f"--output={tmp_path}/%x-%j.out",
+                           str(FLAGSHIP)], env, tmp_path, timeout=400)
+    print(f"repeated crash: job ended after {time.monotonic() - started:.1f} s")
+    log = read_log(tmp_path / f"mokd_crash-{job_id}.out")
+    assert code != 0, log
+    assert len(re.findall(r"mokd-slurm: restart \d of 3 after", log)) == 1, log
+    assert "InjectedFault" in log and "resumed from step_00000001" in log
+    assert "No progress since restart 1: the latest checkpoint is still step_00000001" in log
+    assert final_record(job_id)["JobState"] == "FAILED"

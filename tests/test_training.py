@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mokd_scale.checkpoint import read_latest
+from mokd_scale.checkpoint import read_latest, read_state
 from tests.dist_harness import run_on_ranks
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,13 +30,30 @@ TINY = ["data.source=synthetic", "train.global_batch_size=16", "train.micro_batc
 
 
 def train(rank, world_size, overrides, resume="auto", env=None, capture=False):
-    """mokd-train on this rank; returns (exit code, console output)."""
+    """mokd-train on this rank; returns (exit code, console output: stdout then stderr)."""
     from mokd_scale.train import main
-    os.environ.update(env or {})
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output) if capture else contextlib.nullcontext():
+    output, errors = io.StringIO(), io.StringIO()
+    with environment(env or {}), contextlib.ExitStack() as stack:
+        if capture:
+            stack.enter_context(contextlib.redirect_stdout(output))
+            stack.enter_context(contextlib.redirect_stderr(errors))
         code = main(["--config", "tiny_cpu", "--resume", resume, "--set", *TINY, *overrides])
-    return code, output.getvalue()
+    return code, output.getvalue() + errors.getvalue()
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """Set for one run only: later runs in the same rank process must not inherit a fault."""
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def expect_code(rank, world_size, expected, overrides, resume="auto", env=None):
@@ -56,8 +73,7 @@ def metrics(output_dir: Path) -> list[dict]:
 
 def teacher_weights(output_dir: Path, tag: str | None = None) -> dict:
     tag = tag or read_latest(output_dir / "checkpoints")
-    state = torch.load(output_dir / "checkpoints" / tag / "mokd_state.pt", weights_only=False)
-    return state["teachers"]
+    return read_state(output_dir / "checkpoints" / tag)["teachers"]
 
 
 LOSS_KEYS = [f"{n}.{t}" for n in "ab" for t in ("self_proj", "self_search", "cross_proj", "cross_search", "loss")]
@@ -80,6 +96,96 @@ def test_resume_equals_straight_run(tmp_path):
         straight_teacher, sliced_teacher = teacher_weights(straight)[name], teacher_weights(sliced)[name]
         for key, value in straight_teacher.items():
             torch.testing.assert_close(sliced_teacher[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory) -> Path:
+    """Real JPEG shards: the ImageNet-shaped fixture through mokd-shards, 4 samples a shard,
+    shrunk to 64 px (decoding full-size photos would dominate the test's time)."""
+    from tests.imagenet_fixture import make_imagenet_root
+    folder = tmp_path_factory.mktemp("photos")
+    root = make_imagenet_root(folder, n_classes=3, per_class=6)
+    subprocess.run([sys.executable, "-m", "mokd_scale.tools.make_shards", "--imagenet-root", str(root),
+                    "--split", "train", "--out", str(folder / "shards"), "--samples-per-shard", "4",
+                    "--resize-short-side", "64", "--workers", "1"], check=True, capture_output=True, timeout=120)
+    return folder / "shards" / "imagenet-train.json"
+
+
+def test_resume_on_shards_equals_straight_run(tmp_path, photo_shards):
+    """Two loader workers, a shuffle buffer bigger than a shard, 3 steps an epoch: the stop after step 1
+    falls mid-epoch with worker 1's batch next, the resumed run crosses an epoch. One rank keeps the
+    test cheap; the loader's positions on a second rank are tested in test_data_pipeline.py."""
+    straight, sliced = tmp_path / "straight", tmp_path / "sliced"
+    shards = ["data.source=shards", f"data.train_shards={photo_shards}", "data.workers=2",
+              "data.shuffle_buffer=6", "train.global_batch_size=4", "train.micro_batch_size=4",
+              "data.samples_per_epoch=12", "train.steps=4"]
+    outputs = run_on_ranks(expect_codes, 1, ([
+        (0, [*shards, f"output_dir={straight}"]),
+        (0, [*shards, "train.stop_after_steps=1", f"output_dir={sliced}"]),
+        (0, [*shards, f"output_dir={sliced}"]),
+    ],), timeout=400)
+    a, b = metrics(straight), metrics(sliced)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for left, right in zip(a, b):
+        for key in LOSS_KEYS:
+            assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-7), (left["step"], key)
+    assert "resumed from step_00000001" in outputs[2] and "continues the saved stream positions" in outputs[2]
+
+
+def truncate_to_half(path: Path) -> None:
+    """What a disk that filled up, or a copy cut short, leaves behind."""
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def resume_over_damaged_checkpoints(rank, world_size, out: Path):
+    checkpoints = out / "checkpoints"
+    run = [f"output_dir={out}", "train.checkpoint_every=2", "train.steps=4"]
+    first = expect_code(rank, world_size, 0, run)
+    if rank == 0:
+        truncate_to_half(checkpoints / "step_00000004" / "a" / "mp_rank_00_model_states.pt")
+    torch.distributed.barrier()
+    fell_back = expect_code(rank, world_size, 0, run, "auto")
+    if rank == 0:
+        for tag in ("step_00000002", "step_00000004"):
+            truncate_to_half(checkpoints / tag / "mokd_state.pt")
+    torch.distributed.barrier()
+    refused = expect_code(rank, world_size, 4, run)
+    return first, fell_back, refused
+
+
+def test_damaged_latest_falls_back_with_a_warning_and_none_usable_stops(tmp_path):
+    out = tmp_path / "damaged"
+    _, fell_back, refused = run_on_ranks(resume_over_damaged_checkpoints, 2, (out,), timeout=300)
+    assert "step_00000004 is not usable: a/mp_rank_00_model_states.pt has" in fell_back
+    assert "truncated" in fell_back and "resumed from step_00000002" in fell_back
+    steps = metrics(out)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 3, 4]  # the refused run trained nothing
+    for left, right in zip(steps[2:4], steps[4:6]):  # the fallback resumed step 2's exact state
+        for key in LOSS_KEYS:
+            assert right[key] == pytest.approx(left[key], rel=1e-6, abs=1e-7), (left["step"], key)
+    assert "cannot resume: no usable checkpoint" in refused and "mokd_state.pt has" in refused
+    assert "--resume none" in refused and "Traceback" not in refused
+
+
+def fail_a_save_then_resume(rank, world_size, out: Path):
+    run = [f"output_dir={out}", "train.steps=3", "train.checkpoint_every=1"]
+    failed = expect_code(rank, world_size, 74, run, "auto", {"MOKD_FAULTS": "save_error@2:0"})
+    after_failure = (read_latest(out / "checkpoints"), (out / "checkpoints" / "step_00000002").exists())
+    resumed = expect_code(rank, world_size, 0, run)
+    return failed, after_failure, resumed
+
+
+def test_a_failed_save_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    """Rank 0's writes fail inside DeepSpeed's save, which has collectives after them: without the
+    agreement rank 1 would wait there until the collective timeout."""
+    out = tmp_path / "full_disk"
+    failed, after_failure, resumed = run_on_ranks(fail_a_save_then_resume, 2, (out,), timeout=300)
+    assert "checkpoint step_00000002 could not be written" in failed
+    assert "rank 0: writing" in failed and "No space left on device" in failed
+    assert "(step_00000001) is untouched" in failed
+    assert after_failure == ("step_00000001", False)
+    assert "resumed from step_00000001" in resumed and read_latest(out / "checkpoints") == "step_00000003"
 
 
 def test_independent_mode_trains_each_network_alone_with_dino(tmp_path):
@@ -141,7 +247,7 @@ def test_resume_from_two_ranks_onto_one(tmp_path):
 
 def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     out = tmp_path / "nan"
-    env = {"MOKD_TEST_NAN_AT_STEP": "1", "MOKD_TEST_NAN_RANK": "1"}
+    env = {"MOKD_FAULTS": "nan@1:1"}
     output = run_on_ranks(expect_code, 2, (3, ["train.steps=4", f"output_dir={out}"], "auto", env), timeout=180)
     assert "non-finite" in output and "network a" in output and "step 1" in output
     assert (out / "diagnostic_step_00000001" / "latest").is_file()
@@ -185,7 +291,7 @@ def run_module(args, env=None, timeout=240):
 def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
     out = tmp_path / "killed"
     args = ["--config", "tiny_cpu", "--set", *TINY, "train.steps=3", "train.checkpoint_every=1", f"output_dir={out}"]
-    killed = run_module(args, env={"MOKD_TEST_KILL_IN_SAVE": "2"})
+    killed = run_module(args, env={"MOKD_FAULTS": "kill_in_save@2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert read_latest(out / "checkpoints") == "step_00000001"
     assert (out / "checkpoints" / "step_00000002" / "a").is_dir()  # the half-written save is there...

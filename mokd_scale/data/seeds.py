@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 
 
 def mixed_seed(*parts: int) -> int:
@@ -14,3 +15,14 @@ def mixed_seed(*parts: int) -> int:
 
 def mixed_rng(*parts: int) -> random.Random:
     return random.Random(mixed_seed(*parts))
+
+
+def random_state(rng: random.Random) -> dict:
+    """A Random's state as a tensor: it survives the DataLoader's conversions (which turn tuples into
+    lists) and torch.load(weights_only=True)."""
+    version, internal, gauss = rng.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def set_random_state(rng: random.Random, state: dict) -> None:
+    rng.setstate((int(state["version"]), tuple(int(v) for v in state["internal"].tolist()), state["gauss"]))

@@ -29,7 +29,7 @@ class ShardList:
         return None if self.nsamples is None else sum(self.nsamples)
 
 
-def _is_remote(url: str) -> bool:
+def is_remote(url: str) -> bool:
     return url.startswith(_REMOTE_PREFIXES)
 
 
@@ -50,7 +50,7 @@ def _read_index_json(path: str) -> ShardList:
         if "url" not in entry:
             raise ValueError(f"shard index {path!r}: entry {entry!r} has no 'url'")
         url = entry["url"]
-        if not _is_remote(url) and not os.path.isabs(url):
+        if not is_remote(url) and not os.path.isabs(url):
             url = os.path.join(folder, url)
         urls.append(url)
         counts.append(entry.get("nsamples"))
@@ -70,7 +70,7 @@ def resolve_shards(spec: str, what: str = "data.train_shards") -> ShardList:
         shards = _read_index_json(spec)
     else:
         shards = ShardList(urls=expand_urls(spec), nsamples=None)
-    missing = [u for u in shards.urls if not _is_remote(u) and not os.path.isfile(u)]
+    missing = [u for u in shards.urls if not is_remote(u) and not os.path.isfile(u)]
     if missing:
         raise ValueError(f"{what}: {len(missing)} of {len(shards.urls)} shards do not exist, "
                          f"first {missing[0]!r}; check the pattern or run mokd-shards")
