@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -171,8 +172,9 @@ def nan_rank(rank, world_size):
     learners, coordinator, batches = build(load_config("tiny_cpu", TINY + BF16))
     assert not learners["a"].engine._config.bfloat16_config.check_grad_overflow
     before = {k: v.detach().clone() for k, v in learners["a"].student.named_parameters()}
+    os.environ["MOKD_FAULTS"] = "nan@0"  # network a's loss is NaN at step 0 (mokd_scale/faults.py)
     try:
-        coordinator.train_step(0, [next(batches)], inject_nan=True)
+        coordinator.train_step(0, [next(batches)])
     except NonFiniteLoss as error:
         unchanged = all(torch.equal(before[k], v) for k, v in learners["a"].student.named_parameters())
         return str(error), unchanged
