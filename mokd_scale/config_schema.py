@@ -31,7 +31,8 @@ def help_of(dataclass_field) -> str:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["shards", "synthetic"] = setting("shards", "shards: WebDataset tars; synthetic: generated images (tests, benchmarks)")
+    source: Literal["shards", "synthetic"] = setting(
+        "shards", "shards: WebDataset tars; synthetic: generated images (tests, benchmarks)")
     train_shards: str = setting("", "index JSON from mokd-shards, or a brace pattern of .tar files")
     val_shards: str = setting("", "labelled shards for the k-NN evaluation")
     knn_train_shards: str = setting("", "labelled shards for the k-NN memory bank; empty: train_shards")
@@ -88,7 +89,8 @@ class NetworkConfig:
     clip_grad: float = setting(3.0, "gradient clipping threshold (0: none)")
     clip_mode: Literal["per_tensor", "global"] = setting(
         "per_tensor", "per_tensor: each tensor's gradient norm, as the authors; global: one norm (DeepSpeed)")
-    warmup_teacher_temperature_epochs: int = setting(30, "epochs over which this network's teacher temperature warms up")
+    warmup_teacher_temperature_epochs: int = setting(
+        30, "epochs over which this network's teacher temperature warms up")
     search_head_schedule: Literal["own", "partner"] = setting(
         "own", "partner: the search head takes the partner's lr and weight decay, as the authors' CNN")
     deepspeed: str = setting("ds_configs/zero2_bf16.json", "DeepSpeed JSON (ZeRO stage, buckets)")
