@@ -302,8 +302,8 @@ def newest_intact(checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
         return None, warnings
     raise CheckpointError(
         f"no usable checkpoint in {checkpoint_dir}:\n  " + "\n  ".join(warnings) +
-        f"\nNothing was changed. Restore the damaged files, resume from another copy with --resume PATH "
-        f"(MOKD_RESUME in the job script), or start afresh with --resume none in a new output_dir.")
+        "\nNothing was changed. Restore the damaged files, resume from another copy with --resume PATH "
+        "(MOKD_RESUME in the job script), or start afresh with --resume none in a new output_dir.")
 
 
 def load_state(tag_dir: Path) -> dict:

@@ -9,134 +9,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mokd_scale.config_schema import (  # noqa: F401 - the schema is part of this module's interface
+    IMAGENET_MEAN, IMAGENET_STD, NETWORKS, PARTNER, Config, DataConfig, EvalConfig, MokdConfig, NetworkConfig,
+    NetworksConfig, TrainConfig, help_of)
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 # The repository's top-level ds_configs/: a link in a checkout, a copy inside an installed wheel.
 DEEPSPEED_DIR = Path(__file__).parent / "ds_configs"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message names the key."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "shards"  # shards | synthetic
-    train_shards: str = ""
-    val_shards: str = ""
-    knn_train_shards: str = ""  # memory bank for k-NN; "" means train_shards
-    samples_per_epoch: int = 1281167  # global, not per rank
-    workers: int = 8
-    shuffle_buffer: int = 5000
-    global_crop_size: int = 224
-    local_crop_size: int = 96
-    num_local_crops: int = 8
-    global_crop_scale: tuple[float, float] = (0.4, 1.0)
-    local_crop_scale: tuple[float, float] = (0.05, 0.4)
-    color_jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob_global: tuple[float, float] = (1.0, 0.1)
-    blur_prob_local: float = 0.5
-    solarize_prob_global2: float = 0.2
-    eval_resize: int = 256
-    eval_crop: int = 224
-    synthetic_image_size: int = 256
-    synthetic_num_classes: int = 10
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    global_batch_size: int = 1024
-    micro_batch_size: int = 32
-    steps: int = 125100  # 100 ImageNet epochs at batch 1024
-    warmup_epochs: float = 10.0
-    freeze_last_layer_epochs: float = 1.0
-    log_every: int = 20
-    checkpoint_every: int = 1000
-    keep_last: int = 3
-    stop_after_steps: int = 0  # end this run cleanly after N more steps (0: run to `steps`)
-    knn_every: int = 0  # 0: no periodic k-NN
-    # A collective that waits longer than this ends the run (a hung or frozen rank). It must exceed the
-    # longest healthy wait: a checkpoint save or k-NN pass on a slow rank, the first step's loader warm-up.
-    collective_timeout_s: float = 600.0
-    compile: bool = False  # torch.compile each block and head (mokd_scale/models/compile.py); for GPUs
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    arch: str = "vit_small_patch16_224"
-    arch_kwargs: dict = field(default_factory=dict)
-    lambda_cross: float = 1.0  # YAML key: lambda
-    optimizer: str = "adamw"  # adamw | sgd | lars
-    lr: float = 5e-4  # peak lr per 256 images; scaled by global_batch_size / 256
-    min_lr: float = 1e-6
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum: float = 0.9  # SGD / LARS
-    clip_grad: float = 3.0  # 0: no clipping
-    clip_mode: str = "per_tensor"  # per_tensor (each tensor's gradient norm <= clip_grad) | global (one norm)
-    warmup_teacher_temperature_epochs: int = 30  # teacher temperature warm-up of this network's loss terms
-    search_head_schedule: str = "own"  # own | partner (the search head follows the partner's lr and decay)
-    deepspeed: str = "ds_configs/zero2_bf16.json"
-    precision: str = "auto"  # auto | bf16 | fp32
-    grad_checkpointing: bool = False
-    drop_path_rate: float = 0.1  # students only: teachers never drop paths
-    proj_freeze_scale: bool = True  # freeze the projection head's weight-norm scale (DINO's norm_last_layer)
-    proj_batchnorm: bool = False  # BatchNorm in the projection head's hidden layers
-    search_freeze_scale: bool = False  # freeze the search head's weight-norm scale
-
-
-@dataclass(frozen=True)
-class NetworksConfig:
-    a: NetworkConfig = field(default_factory=NetworkConfig)
-    b: NetworkConfig = field(default_factory=NetworkConfig)
-
-
-@dataclass(frozen=True)
-class MokdConfig:
-    mode: str = "mokd"  # mokd | independent (each network alone with DINO: no search heads, no cross terms)
-    out_dim: int = 65536
-    proj_hidden_dim: int = 2048
-    proj_bottleneck_dim: int = 256
-    search_depth: int = 3
-    search_dim: int = 0  # 0: the ViT's embed dim of the pair
-    search_head_dim: int = 64
-    search_l2_normalize: bool = False  # L2-normalise the pooled search feature before its last layer
-    student_temperature: float = 0.1
-    teacher_temperature: float = 0.07
-    warmup_teacher_temperature: float = 0.04
-    center_momentum: float = 0.9
-    teacher_momentum: float = 0.996
-    teacher_momentum_end: float = 1.0
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    batch_size: int = 128
-    max_train_samples: int = 0  # 0: all
-    max_val_samples: int = 0
-
-
-@dataclass(frozen=True)
-class Config:
-    output_dir: str = "runs/mokd"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    networks: NetworksConfig = field(default_factory=NetworksConfig)
-    mokd: MokdConfig = field(default_factory=MokdConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # YAML spellings that are Python keywords.
@@ -260,6 +148,11 @@ def convert(expected, value: Any, key: str):
     if dataclasses.is_dataclass(expected):
         return build_dataclass(expected, value, key + ".")
     origin = typing.get_origin(expected)
+    if origin is typing.Literal:
+        allowed = typing.get_args(expected)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+        return value
     if origin is tuple:
         return convert_tuple(typing.get_args(expected), value, key)
     if expected is dict or origin is dict:
@@ -303,8 +196,6 @@ def type_error(key: str, expected: str, value: Any) -> ConfigError:
 def validate(config: Config, world_size: int | None = None) -> None:
     """Checks between fields. With world_size, also the batch split across ranks."""
     data, train = config.data, config.train
-    if data.source not in ("shards", "synthetic"):
-        raise ConfigError(f"data.source must be 'shards' or 'synthetic', got {data.source!r}")
     if data.source == "shards" and not data.train_shards:
         raise ConfigError("data.train_shards is empty: set it to an index JSON or brace pattern from mokd-shards "
                           "(or use data.source=synthetic)")
@@ -325,19 +216,13 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if train.knn_every and not data.val_shards:
         raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
                           "data.train_shards) pointing at shards from mokd-shards")
-    if config.mokd.mode not in ("mokd", "independent"):
-        raise ConfigError(f"mokd.mode must be mokd or independent, got {config.mokd.mode!r}")
-    for key in ("a", "b"):
+    for key in NETWORKS:
         validate_network(getattr(config.networks, key), f"networks.{key}")
     if world_size is not None:
         validate_world_size(config, world_size)
 
 
 def validate_network(net: NetworkConfig, key: str) -> None:
-    for name, allowed in (("optimizer", ("adamw", "sgd", "lars")), ("precision", ("auto", "bf16", "fp32")),
-                          ("clip_mode", ("per_tensor", "global")), ("search_head_schedule", ("own", "partner"))):
-        if getattr(net, name) not in allowed:
-            raise ConfigError(f"{key}.{name} must be one of {', '.join(allowed)}, got {getattr(net, name)!r}")
     if net.clip_grad < 0:
         raise ConfigError(f"{key}.clip_grad must be >= 0 (0 disables clipping), got {net.clip_grad}")
     if net.warmup_teacher_temperature_epochs < 0:
@@ -391,3 +276,32 @@ def write_config(config: Config, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     tmp.replace(path)
+
+
+def with_help(config: Config) -> str:
+    """The resolved recipe as YAML, each field followed by its one-line help as a comment."""
+    return "\n".join(help_lines(config, indent="")) + "\n"
+
+
+def help_lines(section: Any, indent: str) -> list[str]:
+    lines = []
+    for item in dataclasses.fields(section):
+        key, value = YAML_NAMES.get(item.name, item.name), getattr(section, item.name)
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{indent}{key}:  # {help_of(item)}")
+            lines.extend(help_lines(value, indent + "  "))
+            continue
+        text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 16).strip()
+        text = text.removesuffix("\n...").strip()
+        lines.append(f"{indent}{key}: {text}  # {help_of(item)}")
+    return lines
+
+
+def sections_help() -> str:
+    """The recipe's sections and what each holds, for --help."""
+    lines = []
+    for item in dataclasses.fields(Config):
+        lines.append(f"  {item.name:<12} {help_of(item)}")
+        if item.name == "networks":
+            lines.extend(f"  {'networks.' + f.name:<12} {help_of(f)}" for f in dataclasses.fields(NetworksConfig))
+    return "\n".join(lines)

@@ -12,7 +12,6 @@ All paths compute the same values (equal to the plain per-tensor update to fp32 
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 import torch

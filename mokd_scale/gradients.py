@@ -47,6 +47,7 @@ class GradientGate:
         self.group_index = {group["name"]: i for i, group in enumerate(optimizer.param_groups)}
         self.group_params = group_params
         self.model_param_ids = {id(p) for params in group_params for p in params}
+        self.layouts: dict[tuple[str, int], tuple[list[tuple[int, int, int]], bool]] = {}
         self.freeze_last_layer = False
         self.begin_step(freeze_last_layer=False)
         optimizer.register_step_pre_hook(self.before_step)
@@ -94,17 +95,29 @@ class GradientGate:
         return [g for g, _ in pieces], [s for _, s in pieces], False
 
     def partition_slices(self, group: dict, flat: torch.Tensor):
-        """Slices of a flat fp32 gradient. ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map each parameter's
-        piece of this rank's partition (`_hp_mapping`, None for a parameter held by other ranks);
-        DeepSpeed's non-ZeRO bf16/fp16 wrapper keeps the whole group, laid out like the parameters'
-        own flat low-precision buffer."""
-        index = self.group_index[group["name"]]
+        """Views of a flat fp32 gradient, one per parameter piece it holds (see slice_layout)."""
+        layout, partitioned = self.slice_layout(group["name"], flat)
+        if flat.grad is None:
+            return [], [], partitioned
+        return [flat.grad.narrow(0, start, numel) for _, start, numel in layout], \
+            [slot for slot, _, _ in layout], partitioned
+
+    def slice_layout(self, name: str, flat: torch.Tensor) -> tuple[list[tuple[int, int, int]], bool]:
+        """(slot, start, numel) of each parameter piece in a flat fp32 partition, and whether it is one
+        rank's partition. ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map each parameter's piece of this
+        rank's partition (`_hp_mapping`, None for a parameter held by other ranks); ZeRO-3 shards every
+        parameter; DeepSpeed's non-ZeRO bf16/fp16 wrapper keeps the whole group, laid out like the
+        parameters' own flat low-precision buffer. Fixed for a run: worked out once per partition."""
+        key = (name, id(flat))
+        if key not in self.layouts:
+            self.layouts[key] = self.find_layout(self.group_index[name], flat)
+        return self.layouts[key]
+
+    def find_layout(self, index: int, flat: torch.Tensor) -> tuple[list[tuple[int, int, int]], bool]:
         params = self.group_params[index]
         locations = self.zero3_locations(flat) if hasattr(self.wrapper, "fp32_partitioned_groups_flat") else None
         partitioned = locations is not None or any(hasattr(param, "_hp_mapping") for param in params)
-        if flat.grad is None:
-            return [], [], partitioned
-        grads, slots = [], []
+        layout = []
         for slot, param in enumerate(params):
             if locations is not None:
                 if id(param) not in locations:
@@ -117,13 +130,12 @@ class GradientGate:
                 start, numel = mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel
             else:
                 start, numel = param.storage_offset(), param.numel()
-            if start + numel > flat.grad.numel():
+            if start + numel > flat.numel():
                 raise RuntimeError(f"cannot locate a parameter of shape {tuple(param.shape)} in DeepSpeed's flat "
-                                   f"gradient ({flat.grad.numel()} elements): unsupported optimizer wrapper for "
+                                   f"gradient ({flat.numel()} elements): unsupported optimizer wrapper for "
                                    f"per-tensor clipping; set networks.X.clip_mode=global")
-            grads.append(flat.grad.narrow(0, start, numel))
-            slots.append(slot)
-        return grads, slots, partitioned
+            layout.append((slot, start, numel))
+        return layout, partitioned
 
     def zero3_locations(self, flat: torch.Tensor) -> dict[int, tuple[int, int]]:
         """ZeRO-3 shards every parameter over the ranks; a sub-group's fp32 partition is the

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from mokd_scale import dist
+from mokd_scale.config import NETWORKS
 from mokd_scale.coordinator import StepStats
 
-NETWORKS = ("a", "b")
 SCHEDULED = ("lr", "wd", "teacher_momentum", "teacher_temperature")
 PERFORMANCE = ("images_per_s", "seconds_per_step", "peak_memory_gib")
 

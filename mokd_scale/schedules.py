@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mokd_scale.config import Config, NetworkConfig, steps_per_epoch
+from mokd_scale.config import NETWORKS, Config, NetworkConfig, steps_per_epoch
 
 
 def cosine(start: float, end: float, steps: int) -> np.ndarray:
@@ -59,7 +59,7 @@ class Schedules:
     def build(config: Config) -> "Schedules":
         total = config.train.steps
         mokd = config.mokd
-        networks = {name: network_schedule(getattr(config.networks, name), config) for name in ("a", "b")}
+        networks = {name: network_schedule(getattr(config.networks, name), config) for name in NETWORKS}
         momentum = cosine(mokd.teacher_momentum, mokd.teacher_momentum_end, total)
         return Schedules(networks, momentum, epochs_to_steps(config.train.freeze_last_layer_epochs, config))
 

@@ -30,7 +30,9 @@ def test_overrides_convert_types_and_accept_yaml_spellings():
     ("networks.a.lr=fast", ["networks.a.lr", "number", "fast"]),
     ("data.local_crop_size=300", ["local_crop_size", "global_crop_size"]),
     ("train.micro_batch_size=5", ["divisible", "micro_batch_size"]),
-    ("networks.b.optimizer=adam", ["networks.b.optimizer"]),
+    ("networks.b.optimizer=adam", ["networks.b.optimizer", "adamw, sgd, lars", "adam"]),
+    ("mokd.mode=joint", ["mokd.mode", "mokd, independent"]),
+    ("data.source=folder", ["data.source", "shards, synthetic"]),
     ("train.steps", ["key.path=value"]),
 ])
 def test_bad_values_name_the_key(override, words):
@@ -73,3 +75,13 @@ def test_deepspeed_json_resolves_from_the_working_directory_then_the_package(tmp
     assert deepspeed_json_path("ds_configs/zero2_bf16.json").resolve() == tmp_path / "ds_configs" / "zero2_bf16.json"
     with pytest.raises(ConfigError, match=r"'my/zero2_bf16.json' not found.*ds_configs/zero3_bf16.json"):
         deepspeed_json_path("my/zero2_bf16.json")  # another folder: never silently the packaged file
+
+
+def test_print_config_is_the_resolved_recipe_with_a_help_line_per_field():
+    from mokd_scale.config import with_help
+    config = load_config("r50_vits16", ["train.steps=11", "networks.b.lambda=0.5"])
+    text = with_help(config)
+    assert yaml.safe_load(text) == to_dict(config)
+    leaves = [line for line in text.splitlines() if not line.rstrip().endswith(":") and "  # " in line]
+    assert len(leaves) == len(text.splitlines())  # every line, section or field, carries its help
+    assert "  lambda: 0.5  # weight of the cross terms" in text and "  steps: 11  # optimizer steps" in text

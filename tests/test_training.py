@@ -301,6 +301,26 @@ def test_kill_during_save_resumes_from_previous_checkpoint(tmp_path):
     assert read_latest(out / "checkpoints") == "step_00000003"
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["networks.b.arch=vit_small_patch16_224"], "networks.b.arch_kwargs"),  # the ResNet's kwargs stay behind
+    (["networks.b.arch=vit_small_patch16_224", "networks.b.arch_kwargs={}"], "mokd.search_dim"),  # widths 128, 384
+])
+def test_model_mistakes_stop_before_any_process_group_naming_the_key(tmp_path, overrides, key):
+    done = run_module(["--config", "tiny_cpu", "--out", str(tmp_path), "--set", *overrides])
+    assert done.returncode == 2 and key in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "ready on" not in done.stdout
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_help_and_print_config_answer_without_torch():
+    probe = "import sys, mokd_scale.train; print(sorted(m for m in ('torch', 'deepspeed', 'timm') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+    shown = run_module(["--help"])
+    assert shown.returncode == 0 and "networks.a" in shown.stdout and "--print-config" in shown.stdout
+    printed = run_module(["--print-config", "--config", "tiny_cpu", "--set", "mokd.mode=independent"])
+    assert printed.returncode == 0 and "mode: independent  # " in printed.stdout
+
+
 def test_bad_override_fails_fast_naming_the_key(tmp_path):
     started = time.monotonic()
     bogus = run_module(["--config", "tiny_cpu", "--set", "bogus.key=1", f"output_dir={tmp_path}"])

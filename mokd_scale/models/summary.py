@@ -12,6 +12,7 @@ import argparse
 import torch
 from torch import nn
 
+from mokd_scale.config import NETWORKS
 from mokd_scale.models.network import MokdNetwork, build_network, pair_search_dim
 
 PARTS = ("backbone", "projection_head", "search_head")
@@ -31,7 +32,7 @@ def parameter_counts(network: MokdNetwork) -> dict[str, int]:
 
 def recipe_counts(cfg) -> dict[str, dict[str, int]]:
     counts = {}
-    for name in ("a", "b"):
+    for name in NETWORKS:
         with torch.device("meta"):
             network = build_network(cfg, name)
         counts[f"{name}: {getattr(cfg.networks, name).arch}"] = parameter_counts(network)

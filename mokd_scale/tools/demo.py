@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mokd_scale.config import add_set_argument
+from mokd_scale.config import NETWORKS, add_set_argument
 from mokd_scale.tools import plot_metrics, prepare_fashion_mnist
 
 
@@ -113,7 +113,7 @@ def final_knn_from_metrics(run_dir: Path) -> dict | None:
     last_step = max((row["step"] for row in rows), default=-1)
     for row in reversed(rows):
         if row["step"] == last_step and "knn.a.top1" in row and "knn.b.top1" in row:
-            result = {n: {"top1": row[f"knn.{n}.top1"], "top5": row[f"knn.{n}.top5"]} for n in ("a", "b")}
+            result = {n: {"top1": row[f"knn.{n}.top1"], "top5": row[f"knn.{n}.top5"]} for n in NETWORKS}
             return {**result, "step": last_step, "source": "metrics.jsonl"}
     return None
 
@@ -133,7 +133,7 @@ def knn(run_dir: Path, random_init: bool) -> dict:
 
 def table(trained: dict, baseline: dict, config: dict) -> str:
     lines = [f"{'network':<8} {'arch':<24} {'random-init top1/top5':>22} {'trained top1/top5':>20} {'gain':>7}"]
-    for name in ("a", "b"):
+    for name in NETWORKS:
         arch = config["networks"][name]["arch"]
         before, after = baseline[name], trained[name]
         lines.append(f"{name:<8} {arch:<24} {before['top1']:>12.2f} / {before['top5']:<7.2f} "
@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         return 1
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     png = plot_metrics.plot(plot_metrics.read_metrics(run_dir / "metrics.jsonl"), run_dir / "demo.png",
-                            baselines={n: baseline[n]["top1"] for n in ("a", "b")},
-                            final={n: (trained["step"], trained[n]["top1"]) for n in ("a", "b")},
+                            baselines={n: baseline[n]["top1"] for n in NETWORKS},
+                            final={n: (trained["step"], trained[n]["top1"]) for n in NETWORKS},
                             out_dim=config["mokd"]["out_dim"],
                             title=f"MOKD {args.config} on Fashion-MNIST, step {trained['step']}")
     results = {"trained": trained, "random_init": baseline, "timings_s": timings}

@@ -10,6 +10,8 @@ import math
 import sys
 from pathlib import Path
 
+from mokd_scale.config import NETWORKS
+
 # The four MOKD terms of each network (the weighted total is in metrics.jsonl as X.loss).
 TERMS = ("self_proj", "self_search", "cross_proj", "cross_search")
 
@@ -43,7 +45,7 @@ def plot(rows: list[dict], out: str | Path, baselines: dict[str, float] | None =
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for axis, network in zip(axes[:2], ("a", "b")):
+    for axis, network in zip(axes[:2], NETWORKS):
         for term in TERMS:
             steps, values = series(rows, f"{network}.{term}")
             if steps:

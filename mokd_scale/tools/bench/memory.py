@@ -27,10 +27,11 @@ import io
 
 import torch
 
+from mokd_scale import dist
+from mokd_scale.config import NETWORKS
 from mokd_scale.tools.bench.step import (OurStep, add_recipe_args, all_ranks_max, batches_for_step, bench_config,
                         bench_micro_batches, device_name, launch, load_average, peak_memory_bytes,
                         recipe_overrides, reset_peak_memory, start_rank)
-from mokd_scale import dist
 
 GIB = 2**30
 OPTIMIZER_BYTES_PER_PARAM = {"adamw": 12, "sgd": 8, "lars": 8}  # fp32 master 4 + moments
@@ -147,7 +148,7 @@ def flagship_counts(config_name: str) -> dict:
 
     config = load_config(config_name)
     counts = {}
-    for name in ("a", "b"):
+    for name in NETWORKS:
         net_cfg = getattr(config.networks, name)
         with torch.device("meta"):
             network = build_network(config, name)
