@@ -13,11 +13,14 @@ import math
 import resource
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from mokd_scale import dist
-from mokd_scale.coordinator import StepStats
+
+if TYPE_CHECKING:  # the trainer's modules (DeepSpeed) stay out of light importers such as mokd-bench science
+    from mokd_scale.coordinator import StepStats
 
 NETWORKS = ("a", "b")
 SCHEDULED = ("lr", "wd", "teacher_momentum", "teacher_temperature")
