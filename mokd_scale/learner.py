@@ -84,6 +84,12 @@ def deepspeed_config(net: NetworkConfig, config: Config, world_size: int, dtype:
     # The recipe owns clipping: per-tensor clipping happens in GradientGate, so DeepSpeed's global
     # clipping is off then; `global` mode hands the threshold to DeepSpeed.
     ds["gradient_clipping"] = net.clip_grad if net.clip_mode == "global" else 0.0
+    zero = ds.setdefault("zero_optimization", {})
+    if net.clip_mode == "per_tensor" and (zero.get("stage", 0) == 2 or (zero.get("stage", 0) == 1 and
+                                                                         dtype != torch.bfloat16)):
+        # The gate computes every norm it needs; DeepSpeed's own global norm (a per-tensor loop and a
+        # collective) would be computed and never used. DeepSpeed allows this on its ZeRO-1/2 optimizer only.
+        zero["compute_grad_norm"] = False
     if load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return ds

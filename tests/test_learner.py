@@ -62,6 +62,67 @@ def test_teacher_stays_fp32_and_moves_every_step_under_a_bf16_student():
     assert all(n >= count // 2 for n in differs), (differs, count)
 
 
+def ema_after_one_step(rank, world_size, deepspeed_json):
+    """Teacher before and after one step, and the student after it, under a ZeRO-2 engine."""
+    from mokd_scale.coordinator import Coordinator
+    from mokd_scale.data import build_train_loader
+    from mokd_scale.learner import Learner
+    from mokd_scale.models import pair_search_dim
+
+    config = load_config("tiny_cpu", [*BF16_OVERRIDES[:-3], "networks.a.precision=fp32", "networks.b.precision=fp32",
+                                      f"networks.a.deepspeed={deepspeed_json}", f"networks.b.deepspeed={deepspeed_json}",
+                                      "networks.a.lr=0.5", "networks.b.lr=0.5", "mokd.teacher_momentum=0.9",
+                                      "mokd.teacher_momentum_end=0.9"])
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
+    coordinator = Coordinator(config, learners, Schedules.build(config), device)
+    flat_buffers = {n: len(learner.ema.flats) for n, learner in learners.items()}
+    before = {n: {k: v.detach().clone() for k, v in learner.teacher.named_parameters()} for n, learner in learners.items()}
+    coordinator.train_step(0, [next(iter(build_train_loader(config, 0, 1, 0)))])
+    after = {n: {k: v.detach().clone() for k, v in learner.teacher.named_parameters()} for n, learner in learners.items()}
+    student = {n: {k: v.detach().float().clone() for k, v in learner.student.named_parameters()}
+               for n, learner in learners.items()}
+    return flat_buffers, before, after, student
+
+
+def test_ema_over_deepspeed_flat_buffers_equals_the_per_tensor_update():
+    flat_buffers, before, after, student = run_on_ranks(ema_after_one_step, 1, ("ds_configs/zero2_bf16.json",),
+                                                         timeout=300)
+    assert all(count > 0 for count in flat_buffers.values()), "the flat-buffer path was not taken"
+    for name in "ab":
+        moved = 0
+        for key, old in before[name].items():
+            expected = 0.9 * old + 0.1 * student[name][key]
+            torch.testing.assert_close(after[name][key], expected, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+            moved += int(not torch.equal(after[name][key], old))
+        assert moved > len(before[name]) // 2
+
+
+def test_multi_tensor_optimizers_step_like_the_per_tensor_loop():
+    from mokd_scale.config import NetworkConfig
+    from mokd_scale.learner import build_optimizer
+
+    for kind in ("adamw", "sgd"):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        groups = lambda ps: [{"params": ps[:1], "weight_decay": 0.1}, {"params": ps[1:], "weight_decay": 0.0}]  # noqa: E731
+        ours = build_optimizer(NetworkConfig(optimizer=kind, momentum=0.9), groups(params))
+        reference_type = torch.optim.AdamW if kind == "adamw" else torch.optim.SGD
+        extra = {"betas": (0.9, 0.999)} if kind == "adamw" else {"momentum": 0.9}
+        reference = reference_type(groups(twins), lr=0.0, foreach=False, **extra)
+        for step in range(3):
+            for optimizer, ps in ((ours, params), (reference, twins)):
+                for group in optimizer.param_groups:
+                    group["lr"] = 0.1
+                for i, p in enumerate(ps):
+                    p.grad = torch.full_like(p, float(step + i + 1)).sin()
+                optimizer.step()
+        for p, twin in zip(params, twins):
+            torch.testing.assert_close(p, twin, rtol=1e-6, atol=1e-7)
+
+
 def test_parameter_groups_tag_last_layer_and_exclude_biases_and_1d_tensors_from_decay():
     from mokd_scale.learner import LAST_LAYER, parameter_groups
     from mokd_scale.models import build_network

@@ -268,3 +268,16 @@ def test_bf16_student_matches_fp32_within_bf16_tolerance():
         assert_relative(value, float(getattr(fp32, name).detach()), 0.05)
     bf16.total.backward()
     assert all(torch.isfinite(p.grad).all() for p in students["a"].parameters() if p.grad is not None)
+
+
+def test_cross_search_targets_in_one_forward_equal_one_forward_per_local_crop(vit_pair):
+    from mokd_scale.mokd_terms import cross_search_targets
+    _, teachers, _ = vit_pair
+    crops = make_crops(batch=3, num_local=4)
+    partner = teacher_forward(teachers["b"], crops[:2])
+    queries = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(5))
+    batched = cross_search_targets(teachers["b"], partner, queries)
+    with torch.no_grad():
+        one_by_one = torch.stack([teachers["b"].search_head(partner.global1_search_tokens, query=q) for q in queries])
+    assert batched.shape == (4, 3, 256)
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-6)

@@ -309,3 +309,23 @@ def test_teacher_never_drops_paths_and_starts_as_the_student():
     torch.testing.assert_close(first.search, second.search, rtol=0, atol=0)
     assert (student_runs[0] - student_runs[1]).abs().max() > 1e-4  # the student does drop paths
     assert all(not p.requires_grad and p.dtype == torch.float32 for p in teacher.parameters())
+
+
+def test_vit_resizes_its_position_embedding_for_local_crops_as_dino():
+    torch.manual_seed(0)
+    backbone = Backbone(VIT, VIT_KWARGS).eval()
+    vit = backbone.model
+    patches = vit.patch_embed(torch.randn(2, 3, 96, 96))  # (2, 6, 6, 192)
+    square = vit.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    resized = F.interpolate(square, scale_factor=(6.1 / 14, 6.1 / 14), mode="bicubic", align_corners=False)
+    positions = torch.cat([vit.pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, 36, 192)], dim=1)
+    expected = torch.cat([vit.cls_token.expand(2, -1, -1), patches.reshape(2, 36, 192)], dim=1) + positions
+    torch.testing.assert_close(vit._pos_embed(patches), expected)
+    plain = timm.create_model(VIT, pretrained=False, num_classes=0, dynamic_img_size=True, **VIT_KWARGS).eval()
+    plain.load_state_dict(vit.state_dict())
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():  # timm alone resizes to the size with antialiasing: other local-crop features
+        assert (backbone(images).pooled - plain.forward_head(plain.forward_features(images), pre_logits=True)).abs().max() > 1e-3
+        images = torch.randn(2, 3, 224, 224)  # at the model's own size nothing is resized
+        torch.testing.assert_close(backbone(images).pooled, plain.forward_head(plain.forward_features(images),
+                                                                               pre_logits=True))

@@ -82,6 +82,20 @@ def test_resume_equals_straight_run(tmp_path):
             torch.testing.assert_close(sliced_teacher[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_independent_mode_trains_each_network_alone_with_dino(tmp_path):
+    out = tmp_path / "independent"
+    run_on_ranks(expect_code, 1, (0, ["train.steps=2", "mokd.mode=independent", f"output_dir={out}"]), timeout=240)
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2]
+    for row in rows:
+        for name in "ab":
+            assert row[f"{name}.loss"] == pytest.approx(row[f"{name}.self_proj"])
+            assert not any(f"{name}.{term}" in row for term in ("self_search", "cross_proj", "cross_search"))
+    teachers = teacher_weights(out)
+    assert all(not any(key.startswith("search_head.") for key in teachers[name]) for name in "ab")
+    assert any(key.startswith("projection_head.") for key in teachers["a"])
+
+
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
 

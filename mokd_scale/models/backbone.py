@@ -6,12 +6,15 @@ the prefix `backbone.model.` and loads the rest strictly into
 """
 from __future__ import annotations
 
+import types
 from typing import NamedTuple
 
 import timm
 import torch
 from torch import nn
 from timm.models import is_model, model_entrypoint
+
+from mokd_scale.models.positions import resize_position_grid
 
 # timm modules whose models are plain ViTs (class token + patch tokens, `dynamic_img_size`).
 VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
@@ -58,6 +61,27 @@ def token_grid(arch: str, arch_kwargs: dict, image_size: int) -> tuple[int, int]
     return tuple(features.shape[-2:])
 
 
+def use_dino_position_resize(vit: nn.Module) -> None:
+    """Make a timm ViT resize its position embedding for other crop sizes (the 96-px local crops) as
+    DINO and the MOKD authors do (by scale factor, no antialiasing) instead of timm's way (to a size,
+    antialiased): the same weights then give the authors' features on a local crop. Only plain ViTs
+    (one class token, its own position, no register tokens) take this path; others keep timm's."""
+    plain = (getattr(vit, "cls_token", None) is not None and getattr(vit, "reg_token", None) is None
+             and not getattr(vit, "no_embed_class", True) and getattr(vit, "num_prefix_tokens", 0) == 1
+             and getattr(vit, "dynamic_img_size", False))
+    if plain:
+        vit._pos_embed = types.MethodType(dino_pos_embed, vit)
+
+
+def dino_pos_embed(vit: nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """Class token in front of the (B, h, w, D) patch grid, plus the resized position embedding."""
+    batch, height, width, dim = patches.shape
+    grid = resize_position_grid(vit.pos_embed[:, 1:], vit.patch_embed.grid_size, (height, width))
+    positions = torch.cat([vit.pos_embed[:, :1], grid], dim=1)
+    tokens = torch.cat([vit.cls_token.expand(batch, -1, -1), patches.reshape(batch, height * width, dim)], dim=1)
+    return vit.pos_drop(tokens + positions)
+
+
 class Backbone(nn.Module):
     """ViT: pooled = class token after the final norm, tokens = patch tokens.
     CNN: pooled = global average of the last stage, tokens = its feature map flattened."""
@@ -71,6 +95,8 @@ class Backbone(nn.Module):
         if self.is_vit and getattr(self.model, "global_pool", None) != "token":
             raise ValueError(f"{arch} with arch_kwargs {arch_kwargs}: MOKD needs a ViT pooled by its class "
                              "token (global_pool='token', class_token=True)")
+        if self.is_vit:
+            use_dino_position_resize(self.model)
         self.pooled_dim = self.model.num_features
         self.token_dim = self.model.num_features
         if grad_checkpointing:

@@ -25,11 +25,10 @@ from torch import nn
 from timm.models.vision_transformer import Block
 
 from mokd_scale.models.last_layer import WeightNormLinear
+from mokd_scale.models.positions import resize_position_grid
 from mokd_scale.models.projection_head import init_linear
 
 NORM_EPS = 1e-6
-# DINO's rule: a little over the target size, so that the floor of base * factor is the target.
-RESIZE_MARGIN = 0.1
 
 
 class SearchHead(nn.Module):
@@ -60,21 +59,8 @@ class SearchHead(nn.Module):
         return self.channel_proj(tokens)
 
     def position_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(1, h*w, D): the stored embedding, or its bicubic resize by scale factor to `grid`."""
-        grid = tuple(grid)
-        if grid == self.base_grid:
-            return self.position
-        base_h, base_w = self.base_grid
-        dim = self.position.shape[-1]
-        square = self.position.reshape(1, base_h, base_w, dim).permute(0, 3, 1, 2)
-        factors = ((grid[0] + RESIZE_MARGIN) / base_h, (grid[1] + RESIZE_MARGIN) / base_w)
-        # bicubic is not implemented for bf16 on every backend: resize in fp32 (or float64).
-        compute = square if square.dtype in (torch.float32, torch.float64) else square.float()
-        resized = F.interpolate(compute, scale_factor=factors, mode="bicubic", align_corners=False)
-        if tuple(resized.shape[-2:]) != grid:
-            raise RuntimeError(f"resizing the {self.base_grid} position grid by {factors} gave "
-                               f"{tuple(resized.shape[-2:])}, not {grid}")
-        return resized.permute(0, 2, 3, 1).reshape(1, -1, dim).to(self.position.dtype)
+        """(1, h*w, D): the stored embedding, or its resize by scale factor to `grid` (models/positions.py)."""
+        return resize_position_grid(self.position, self.base_grid, grid)
 
     def embed(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Backbone tokens (B, h*w, C) on `grid` -> the head's input (B, h*w, D)."""
