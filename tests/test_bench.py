@@ -150,3 +150,19 @@ def test_science_bench_trains_both_modes_reports_the_gain_and_reuses_finished_ru
     assert clash.returncode == 2 and "other settings (train.steps: run has 2, now 3" in clash.stderr
     assert "Traceback" not in clash.stderr
 
+
+
+def test_science_summary_gain_is_the_difference_of_means_with_its_standard_error():
+    from mokd_scale.tools.bench.science_report import summarize
+    top1 = {("mokd", 0): 60.0, ("mokd", 1): 62.0, ("mokd", 2): 64.0,
+            ("independent", 0): 55.0, ("independent", 1): 56.0, ("independent", 2): 57.0}
+    records = [{"mode": mode, "seed": seed, "final_top1": {"a": value, "b": 70.0 - (mode == "mokd")},
+                "random_init_top1": {"a": 50.0, "b": 60.0}} for (mode, seed), value in top1.items()]
+    summary = summarize(records)
+    a, b = summary["a"], summary["b"]
+    assert (a["mokd"]["mean"], a["mokd"]["std"], a["independent"]["std"]) == (62.0, 2.0, 1.0)
+    assert a["gain"]["mean"] == 6.0 and a["gain"]["se"] == pytest.approx((4 / 3 + 1 / 3) ** 0.5)
+    assert a["gain"]["paired_differences"] == [5.0, 6.0, 7.0] and a["gain"]["verdict"] == "MOKD better"
+    assert a["random_init"]["mean"] == 50.0 and a["random_init"]["n"] == 6
+    # Every seed 1 point lower: no spread, so the standard error is 0 and the verdict "worse".
+    assert b["gain"]["mean"] == -1.0 and b["gain"]["se"] == 0.0 and b["gain"]["verdict"] == "MOKD worse"

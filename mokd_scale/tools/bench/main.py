@@ -59,13 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         emit(report, data.data_table(report), out_path(rest))
         return 0
     if command == "science":
-        from mokd_scale.tools.bench import science
+        from mokd_scale.tools.bench import science, science_report
         try:
             report = science.run_science_bench(rest)
         except science.BenchError as error:
             print(f"mokd-bench science: {error}", file=sys.stderr)
             return 2
-        emit(report, science.science_table(report), out_path(rest))
+        emit(report, science_report.science_table(report), out_path(rest))
         return 0
     if command == "step":
         from mokd_scale.tools.bench import step
