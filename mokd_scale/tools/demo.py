@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from mokd_scale.config import add_set_argument
+from mokd_scale.tools import make_shards as make_shards_tool
 from mokd_scale.tools import plot_metrics, prepare_fashion_mnist
 
 
@@ -81,25 +82,32 @@ def prepare_data(args, data_dir: Path) -> dict[str, int]:
 
 
 def make_shards(data_dir: Path, shard_dir: Path, samples: dict[str, int], nproc: int) -> dict[str, Path]:
-    """Train and val shards; at least 2 shards per rank so no rank's loader is left without one."""
+    """Train and val shards; at least 2 shards per rank so no rank's loader is left without one.
+    Shards made from the prepared folder as it is now are reused; others are rebuilt."""
+    prepared = (data_dir / prepare_fashion_mnist.PREPARED_MARKER).read_text()
     indexes = {}
     for split in ("train", "val"):
-        index = shard_dir / f"imagenet-{split}.json"
+        index, source = shard_dir / f"imagenet-{split}.json", shard_dir / f".imagenet-{split}.prepared"
         indexes[split] = index
-        if index_samples(index) == samples[split]:
+        if index.is_file() and source.is_file() and source.read_text() == prepared:
             print(f"  reusing {index}")
             continue
+        if index.is_file():  # made from a folder of other settings, which prepare_data has replaced
+            print(f"  {index}: made from other data settings, rebuilding")
+            remove_shards(shard_dir, split)
         per_shard = max(1, -(-samples[split] // (4 * nproc)))
         run([sys.executable, "-m", "mokd_scale.tools.make_shards", "--imagenet-root", data_dir, "--split", split,
              "--out", shard_dir, "--samples-per-shard", per_shard, "--workers", 2], f"make_shards {split}")
+        source.write_text(prepared)
     return indexes
 
 
-def index_samples(index: Path) -> int:
-    """Images in a shard index (-1 without one): shards of other data settings are rebuilt."""
-    if not index.is_file():
-        return -1
-    return int(json.loads(index.read_text())["total"])
+def remove_shards(shard_dir: Path, split: str) -> None:
+    folder = make_shards_tool.OutputFolder(shard_dir, split)
+    for tar in shard_dir.glob(f"{folder.name}-*.tar"):
+        tar.unlink()
+    folder.index.unlink(missing_ok=True)
+    shutil.rmtree(folder.state, ignore_errors=True)
 
 
 def knn_every(args) -> list[str]:
