@@ -1,4 +1,4 @@
-"""mokd-bench step / memory end to end on tiny settings: the JSON has the documented fields and
+"""mokd-bench step / memory / data / science end to end on tiny settings: the JSON has the documented fields and
 values that can only come out of a working measurement. No timing assertions (shared CPUs)."""
 from __future__ import annotations
 
@@ -19,14 +19,17 @@ TINY = ["train.micro_batch_size=4", "mokd.out_dim=64", "mokd.proj_hidden_dim=32"
         "mokd.search_depth=1"]
 
 
-def run_bench(tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / "bench.json"
+def bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
-    done = subprocess.run([sys.executable, "-m", "mokd_scale.tools.bench.main", *args, "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "mokd_scale.tools.bench.main", *args, "--out",
+                           str(tmp_path / "bench.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict:
+    done = bench(tmp_path, *args)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out.read_text())
+    return json.loads((tmp_path / "bench.json").read_text())
 
 
 def test_step_bench_reports_throughput_flops_and_mfu_of_both_loops(tmp_path):
@@ -97,4 +100,69 @@ def test_data_bench_writes_its_json_with_out_like_the_others(tmp_path):
 
 def test_unknown_command_is_a_usage_error():
     done = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), "speed"], capture_output=True, text=True)  # the wrapper
-    assert done.returncode == 2 and "step, memory, ops, data" in done.stderr
+    assert done.returncode == 2 and "step, memory, ops, data, science" in done.stderr
+
+
+SCIENCE_TINY = ["train.global_batch_size=8", "train.micro_batch_size=8", "data.workers=0", "mokd.out_dim=64",
+                "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16", "mokd.search_depth=1", "eval.batch_size=64",
+                "networks.a.arch_kwargs={patch_size: 4, img_size: 32, embed_dim: 64, depth: 1, num_heads: 1}",
+                "networks.b.arch_kwargs={output_stride: 16, channels: [8, 8, 8, 8], layers: [1, 1, 1, 1]}"]
+
+
+def test_science_bench_trains_both_modes_reports_the_gain_and_reuses_finished_runs(tmp_path):
+    from tests.test_demo_data import fake_fashion_mnist
+    fake_fashion_mnist(tmp_path / "src", n_train=60, n_val=40)
+    work = tmp_path / "work"
+    args = ["science", "--work", str(work), "--source", str(tmp_path / "src"), "--train-per-class", "6",
+            "--val-per-class", "4", "--seeds", "1", "--nproc", "1", "--knn-every", "2"]
+    done = bench(tmp_path, *args, "--steps", "2", "--set", *SCIENCE_TINY)
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    for line in ("run 1/2 mokd seed 0: step 2/2", "run 2/2 independent seed 0: k-NN at step 2: a: top-1"):
+        assert line in done.stderr
+    assert (report["steps"], report["seeds"], report["data"]["train_images"]) == (2, [0], 60)
+    runs = {run["mode"]: run for run in report["runs"]}
+    assert sorted(runs) == ["independent", "mokd"]
+    logged = {}
+    for mode, run in runs.items():
+        assert not run["reused"] and run["train_seconds"] > 0
+        rows = [json.loads(line) for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        logged[mode] = set().union(*rows)
+        for name in ("a", "b"):
+            assert run["knn_curve"][name] == [[0, run["random_init_top1"][name]], [2, run["final_top1"][name]]]
+            assert 0 <= run["final_top1"][name] <= run["final_top5"][name] <= 100
+    # Both modes trained as they should: MOKD logs all four terms, independent only self-distillation.
+    assert {"a.self_proj", "a.self_search", "a.cross_proj", "a.cross_search", "b.cross_search"} <= logged["mokd"]
+    assert "a.self_proj" in logged["independent"] and not {"a.self_search", "b.cross_proj"} & logged["independent"]
+    for name in ("a", "b"):
+        summary, top1 = report["summary"][name], {mode: runs[mode]["final_top1"][name] for mode in runs}
+        assert summary["mokd"]["mean"] == top1["mokd"] and summary["independent"]["values"] == [top1["independent"]]
+        assert summary["gain"]["mean"] == pytest.approx(top1["mokd"] - top1["independent"])
+        assert summary["gain"]["paired_differences"] == [pytest.approx(summary["gain"]["mean"])]
+    assert Path(report["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second call reuses the finished runs; other settings for the same folders are refused.
+    metrics_before = (work / "runs/mokd-seed0/metrics.jsonl").read_text()
+    again = run_bench(tmp_path, *args, "--steps", "2", "--set", *SCIENCE_TINY)
+    assert all(run["reused"] for run in again["runs"]) and again["summary"] == report["summary"]
+    assert (work / "runs/mokd-seed0/metrics.jsonl").read_text() == metrics_before
+    clash = bench(tmp_path, *args, "--steps", "3", "--set", *SCIENCE_TINY)
+    assert clash.returncode == 2 and "other settings (train.steps: run has 2, now 3" in clash.stderr
+    assert "Traceback" not in clash.stderr
+
+
+
+def test_science_summary_gain_is_the_difference_of_means_with_its_standard_error():
+    from mokd_scale.tools.bench.science_report import summarize
+    top1 = {("mokd", 0): 60.0, ("mokd", 1): 62.0, ("mokd", 2): 64.0,
+            ("independent", 0): 55.0, ("independent", 1): 56.0, ("independent", 2): 57.0}
+    records = [{"mode": mode, "seed": seed, "final_top1": {"a": value, "b": 70.0 - (mode == "mokd")},
+                "random_init_top1": {"a": 50.0, "b": 60.0}} for (mode, seed), value in top1.items()]
+    summary = summarize(records)
+    a, b = summary["a"], summary["b"]
+    assert (a["mokd"]["mean"], a["mokd"]["std"], a["independent"]["std"]) == (62.0, 2.0, 1.0)
+    assert a["gain"]["mean"] == 6.0 and a["gain"]["se"] == pytest.approx((4 / 3 + 1 / 3) ** 0.5)
+    assert a["gain"]["paired_differences"] == [5.0, 6.0, 7.0] and a["gain"]["verdict"] == "MOKD better"
+    assert a["random_init"]["mean"] == 50.0 and a["random_init"]["n"] == 6
+    # Every seed 1 point lower: no spread, so the standard error is 0 and the verdict "worse".
+    assert b["gain"]["mean"] == -1.0 and b["gain"]["se"] == 0.0 and b["gain"]["verdict"] == "MOKD worse"

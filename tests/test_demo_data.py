@@ -1,6 +1,7 @@
 """Fashion-MNIST preparation: our IDX parser and the ImageNet-shaped folder it produces."""
 import gzip
 import struct
+import types
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,28 @@ def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
     assert json.loads(out.read_text()) == printed
     assert printed["step"] == 7 and printed["tag"] == "step_00000007" and not printed["random_init"]
     assert all(0.0 <= printed[n]["top1"] <= printed[n]["top5"] <= 100.0 for n in ("a", "b"))
+
+
+def test_demo_reuses_shards_of_the_same_data_and_rebuilds_those_of_other_settings(tmp_path, monkeypatch):
+    import json
+
+    from mokd_scale.tools import demo
+
+    def make_shards_in_process(command, what, **kwargs):
+        args = [str(c) for c in command[command.index("mokd_scale.tools.make_shards") + 1:]]
+        assert make_shards.main(args) == 0, what
+
+    monkeypatch.setattr(demo, "run", make_shards_in_process)
+    fake_fashion_mnist(tmp_path / "src")
+    data, shards = tmp_path / "fm", tmp_path / "shards"
+
+    def prepare_and_shard(train_per_class):
+        args = types.SimpleNamespace(source=tmp_path / "src", train_per_class=train_per_class, val_per_class=1,
+                                     image_size=32)
+        written = demo.prepare_data(args, data)
+        index = demo.make_shards(data, shards, written, nproc=1)["train"]
+        return json.loads(index.read_text())["total"], index.stat().st_mtime_ns
+
+    total, written_at = prepare_and_shard(2)
+    assert total == 20 and prepare_and_shard(2) == (20, written_at)  # reused, not rewritten
+    assert prepare_and_shard(1)[0] == 10  # fewer images prepared: the shards follow them

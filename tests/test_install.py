@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD_IGNORE = shutil.ignore_patterns(".git", ".venv", ".cache", "build", "dist", "*.egg-info", "__pycache__",
-                                      "demo_out", "runs", ".pytest_cache")
+                                      "demo_out", "science_out", "runs", ".pytest_cache")
 HEAVY = ("torch", "deepspeed", "timm", "torchvision")
 
 

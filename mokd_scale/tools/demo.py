@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from mokd_scale.config import NETWORKS, add_set_argument
+from mokd_scale.tools import make_shards as make_shards_tool
 from mokd_scale.tools import plot_metrics, prepare_fashion_mnist
 
 
@@ -34,13 +35,20 @@ class StageFailed(RuntimeError):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for data, shards, the run and results")
-    parser.add_argument("--train-per-class", type=int, default=500, help="Fashion-MNIST train images per class")
-    parser.add_argument("--val-per-class", type=int, default=200, help="val images per class")
-    parser.add_argument("--image-size", type=int, default=32, help="prepared image size in px (28 = native)")
+    add_data_arguments(parser)
     parser.add_argument("--nproc", type=int, default=2, help="training ranks (CPU processes)")
     parser.add_argument("--config", default="tiny_cpu", help="recipe to train")
     add_set_argument(parser, "fields of the recipe trained")
     return parser.parse_args(argv)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prepared data's options (shared with mokd-bench science, which trains on the same data)."""
+    parser.add_argument("--source", type=Path, default=prepare_fashion_mnist.DEBIAN_DIR,
+                        help="folder with Fashion-MNIST's *-idx?-ubyte.gz files (default: Debian's package)")
+    parser.add_argument("--train-per-class", type=int, default=500, help="Fashion-MNIST train images per class")
+    parser.add_argument("--val-per-class", type=int, default=200, help="val images per class")
+    parser.add_argument("--image-size", type=int, default=32, help="prepared image size in px (28 = native)")
 
 
 def child_env() -> dict[str, str]:
@@ -63,28 +71,43 @@ def run(command: list[str], what: str, env: dict | None = None, capture: bool = 
     return result.stdout or ""
 
 
-def prepare_data(args, data_dir: Path) -> None:
+def prepare_data(args, data_dir: Path) -> dict[str, int]:
     try:
-        written = prepare_fashion_mnist.prepare(prepare_fashion_mnist.DEBIAN_DIR, data_dir, args.train_per_class,
+        written = prepare_fashion_mnist.prepare(args.source, data_dir, args.train_per_class,
                                                 args.val_per_class, args.image_size)
     except FileNotFoundError as error:
         raise StageFailed(str(error)) from None
     print(f"  {data_dir}: {written['train']} train, {written['val']} val images")
+    return written
 
 
 def make_shards(data_dir: Path, shard_dir: Path, samples: dict[str, int], nproc: int) -> dict[str, Path]:
-    """Train and val shards; at least 2 shards per rank so no rank's loader is left without one."""
+    """Train and val shards; at least 2 shards per rank so no rank's loader is left without one.
+    Shards made from the prepared folder as it is now are reused; others are rebuilt."""
+    prepared = (data_dir / prepare_fashion_mnist.PREPARED_MARKER).read_text()
     indexes = {}
     for split in ("train", "val"):
-        index = shard_dir / f"imagenet-{split}.json"
+        index, source = shard_dir / f"imagenet-{split}.json", shard_dir / f".imagenet-{split}.prepared"
         indexes[split] = index
-        if index.is_file():
+        if index.is_file() and source.is_file() and source.read_text() == prepared:
             print(f"  reusing {index}")
             continue
+        if index.is_file():  # made from a folder of other settings, which prepare_data has replaced
+            print(f"  {index}: made from other data settings, rebuilding")
+            remove_shards(shard_dir, split)
         per_shard = max(1, -(-samples[split] // (4 * nproc)))
         run([sys.executable, "-m", "mokd_scale.tools.make_shards", "--imagenet-root", data_dir, "--split", split,
              "--out", shard_dir, "--samples-per-shard", per_shard, "--workers", 2], f"make_shards {split}")
+        source.write_text(prepared)
     return indexes
+
+
+def remove_shards(shard_dir: Path, split: str) -> None:
+    folder = make_shards_tool.OutputFolder(shard_dir, split)
+    for tar in shard_dir.glob(f"{folder.name}-*.tar"):
+        tar.unlink()
+    folder.index.unlink(missing_ok=True)
+    shutil.rmtree(folder.state, ignore_errors=True)
 
 
 def knn_every(args) -> list[str]:
@@ -98,13 +121,21 @@ def knn_every(args) -> list[str]:
     return [f"train.knn_every={max(1, train_cfg.steps // 2)}"]
 
 
+def shard_overrides(indexes: dict[str, Path]) -> list[str]:
+    return ["data.source=shards", f"data.train_shards={indexes['train']}", f"data.val_shards={indexes['val']}"]
+
+
+def train_command(nproc: int, config: str, overrides: list[str], resume: str = "none") -> list:
+    """mokd-train on `nproc` CPU ranks of this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", nproc,
+            "-m", "mokd_scale.train", "--config", config, "--resume", resume, "--set", *overrides]
+
+
 def train(args, indexes: dict[str, Path], run_dir: Path) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run each time; data and shards are what is reused
-    overrides = ["data.source=shards", f"data.train_shards={indexes['train']}",
-                 f"data.val_shards={indexes['val']}", f"output_dir={run_dir}", *knn_every(args), *args.set]
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", args.nproc,
-         "-m", "mokd_scale.train", "--config", args.config, "--resume", "none", "--set", *overrides], "training")
+    overrides = [*shard_overrides(indexes), f"output_dir={run_dir}", *knn_every(args), *args.set]
+    run(train_command(args.nproc, args.config, overrides), "training")
 
 
 def final_knn_from_metrics(run_dir: Path) -> dict | None:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+PREPARED_MARKER = ".prepared"  # in the output folder: the settings it was written with
 APT_HINT = "apt-get install -y dataset-fashion-mnist   (as root, or with sudo)"
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -98,7 +99,7 @@ def prepare(source: Path, out: Path, train_per_class: int, val_per_class: int,
     A finished folder (marker file present, same settings) is reused as is.
     """
     settings = f"train_per_class={train_per_class} val_per_class={val_per_class} size={size} seed={seed}\n"
-    marker = out / ".prepared"
+    marker = out / PREPARED_MARKER
     if marker.exists() and marker.read_text() == settings:
         return {split: sum(1 for _ in (out / split).rglob("*.JPEG")) for split in SPLIT_FILES}
     for split in SPLIT_FILES:  # stale images of other settings would mix into the shards

@@ -11,6 +11,9 @@
         collectives (the host overhead of the step, measured on any machine), ours against the DDP loop.
     mokd-bench data   [...]
         data-pipeline images/s per worker (bench/data.py).
+    mokd-bench science [--steps 300] [--seeds 3] [--nproc 2] [--work science_out] ...
+        MOKD vs independent training (plain DINO per network) on Fashion-MNIST, several seeds: final
+        teacher k-NN top-1 per network and mode, and MOKD's gain (bench/science.py; resumable).
 
 On a GPU machine: mokd-bench step --config vitl16_r152 --zero 2 \\
         --set train.micro_batch_size=16 data.num_local_crops=8 --steps 5 --warmup 2 --rounds 1
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import sys
 
-COMMANDS = ("step", "memory", "ops", "data")
+COMMANDS = ("step", "memory", "ops", "data", "science")
 
 
 def out_path(argv: list[str]) -> str:
@@ -57,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         from mokd_scale.tools.bench import data
         report = data.run_data_bench(rest)
         emit(report, data.data_table(report), out_path(rest))
+        return 0
+    if command == "science":
+        from mokd_scale.tools.bench import science, science_report
+        try:
+            report = science.run_science_bench(rest)
+        except science.BenchError as error:
+            print(f"mokd-bench science: {error}", file=sys.stderr)
+            return 2
+        emit(report, science_report.science_table(report), out_path(rest))
         return 0
     if command == "step":
         from mokd_scale.tools.bench import step

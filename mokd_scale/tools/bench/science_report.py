@@ -1,0 +1,106 @@
+"""mokd-bench science's analysis: per network and mode the final k-NN's mean ± std over seeds, MOKD's
+gain over independent training with its standard error, the console table and the plot."""
+from __future__ import annotations
+
+import math
+import statistics
+import typing
+from pathlib import Path
+
+from mokd_scale.config import NETWORKS
+from mokd_scale.config_schema import MokdConfig
+
+MODES = typing.get_args(typing.get_type_hints(MokdConfig)["mode"])  # ("mokd", "independent")
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"n": len(values), "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None, "values": values}
+
+
+def gain(mokd: dict, independent: dict, paired: list[float]) -> dict:
+    """MOKD − independent: difference of means, its standard error, and a plain-words verdict
+    (a gain more than two standard errors from 0 counts as a difference)."""
+    if not mokd["n"] or not independent["n"]:
+        return {"mean": None, "se": None, "paired_differences": paired, "verdict": "not measured"}
+    difference = mokd["mean"] - independent["mean"]
+    if mokd["std"] is None or independent["std"] is None:
+        se = None
+    else:
+        se = math.sqrt(mokd["std"] ** 2 / mokd["n"] + independent["std"] ** 2 / independent["n"])
+    if se is None:
+        verdict = "one seed: no uncertainty"
+    elif difference > 2 * se:
+        verdict = "MOKD better"
+    elif difference < -2 * se:
+        verdict = "MOKD worse"
+    else:
+        verdict = "no clear difference (within 2 standard errors)"
+    return {"mean": difference, "se": se, "paired_differences": paired, "verdict": verdict}
+
+
+def summarize(records: list[dict]) -> dict:
+    summary = {}
+    for name in NETWORKS:
+        by_mode = {mode: {r["seed"]: r["final_top1"][name] for r in records if r["mode"] == mode} for mode in MODES}
+        stats = {mode: mean_std([by_mode[mode][s] for s in sorted(by_mode[mode])]) for mode in MODES}
+        common = sorted(set(by_mode["mokd"]) & set(by_mode["independent"]))
+        paired = [by_mode["mokd"][s] - by_mode["independent"][s] for s in common]
+        starts = [r["random_init_top1"][name] for r in records if r["random_init_top1"]]
+        summary[name] = {**stats, "gain": gain(stats["mokd"], stats["independent"], paired),
+                         "random_init": mean_std(starts)}
+    return summary
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def science_table(report: dict) -> str:
+    lines = [f"k-NN top-1 (%) of the teachers after {report['steps']} steps, {report['config']}, "
+             f"seeds {report['seeds']}",
+             f"{'network':<28} {'random init':>15} {'mokd':>15} {'independent':>15} {'gain (± s.e.)':>16}  verdict"]
+    for name in NETWORKS:
+        net = report["summary"][name]
+        cells = [f"{fmt(net[m]['mean'])} ± {fmt(net[m]['std'])}" for m in ("random_init", *MODES)]
+        g = net["gain"]
+        label = f"{name} {report['networks'][name]['arch']} λ={report['networks'][name]['lambda']}"
+        lines.append(f"{label:<28} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+                     f"{fmt(g['mean'], '+.2f') + ' ± ' + fmt(g['se']):>16}  {g['verdict']}")
+    per_seed = [f"  {r['mode']:<11} seed {r['seed']}: a {r['final_top1']['a']:.2f}  b {r['final_top1']['b']:.2f}"
+                + ("  (reused)" if r["reused"] else "") for r in report["runs"]]
+    return "\n".join(lines + ["per run:"] + per_seed)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """One panel per network: every run's k-NN curve (colour = mode), the final mean ± std per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"mokd": "tab:red", "independent": "tab:blue"}
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, name in zip(axes, NETWORKS):
+        for record in report["runs"]:
+            steps, values = zip(*record["knn_curve"][name]) if record["knn_curve"][name] else ((), ())
+            axis.plot(steps, values, "o-", color=colours[record["mode"]], alpha=0.45, markersize=3,
+                      label=record["mode"] if record["seed"] == min(report["seeds"]) else None)
+        for offset, mode in zip((-0.01, 0.01), MODES):
+            stats = report["summary"][name][mode]
+            if stats["mean"] is not None:
+                axis.errorbar(report["steps"] * (1 + offset), stats["mean"], yerr=stats["std"] or 0, fmt="s",
+                              color=colours[mode], capsize=4, markersize=7, label=f"{mode} mean ± std")
+        g = report["summary"][name]["gain"]
+        network = report["networks"][name]
+        axis.set_title(f"{name}: {network['arch']} (λ={network['lambda']}); gain {fmt(g['mean'], '+.2f')}"
+                       f" ± {fmt(g['se'])}")
+        axis.set_xlabel("step")
+        axis.set_ylabel("teacher k-NN top-1 (%)")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"MOKD vs independent, {report['config']}, {len(report['seeds'])} seed(s), "
+                    f"{report['steps']} steps (Fashion-MNIST)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
