@@ -13,7 +13,7 @@ RUNTIME = [
     "deepspeed>=0.16,<1",
     "timm>=1.0.21,<2",
     "webdataset>=0.2.86,<2",
-    "pyyaml>=6.0,<7",
+    "pyyaml>=6.0.1,<7",
     "tensorboard>=2.14,<3",
     "safetensors>=0.4.3,<1",
 ]
