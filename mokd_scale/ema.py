@@ -61,7 +61,7 @@ def update_tensors(teacher: list[torch.Tensor], student: list[torch.Tensor], mom
     same_dtype = defaultdict(lambda: ([], []))
     for t, s in zip(teacher, student):
         same_dtype[s.dtype][0].append(t)
-        same_dtype[s.dtype][1].append(s.detach())
+        same_dtype[s.dtype][1].append(s)  # read under no_grad: no detached view per tensor needed
     for dtype, (targets, sources) in same_dtype.items():
         if dtype == targets[0].dtype:
             torch._foreach_lerp_(targets, sources, 1.0 - momentum)

@@ -61,9 +61,9 @@ def parameter_groups(student: MokdNetwork, search_head_schedule: str = OWN) -> l
 
 
 def build_optimizer(net: NetworkConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """Multi-tensor implementations: on CUDA the fused kernels, elsewhere foreach (one launch per
-    group rather than one per tensor)."""
-    fast = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    """torch's fused kernels (CUDA and CPU): one launch per group rather than one per tensor, and
+    the step counters stay on the parameters' device (foreach reads each one on the host)."""
+    fast = {"fused": True}
     if net.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), **fast)
     if net.optimizer == "sgd":

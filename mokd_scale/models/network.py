@@ -104,7 +104,8 @@ def pair_search_dim(cfg) -> int:
         raise ValueError("both networks are CNNs: set mokd.search_dim (e.g. 768) to give their search "
                          "heads a shared width")
     if len(widths) > 1:
-        raise ValueError(f"the two ViTs have different widths {sorted(widths)}: set mokd.search_dim explicitly")
+        raise ValueError(f"the two ViTs have different widths {sorted(widths)}: set mokd.search_dim to the "
+                         f"width both search heads share (e.g. --set mokd.search_dim={max(widths)})")
     return widths.pop()
 
 
