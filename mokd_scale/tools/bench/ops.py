@@ -34,9 +34,9 @@ Kinds (a precise rule, so before/after counts compare):
 A multi-tensor operator (torch._foreach_*) counts once: it is one dispatch (on CUDA it
 launches one kernel per chunk of its tensor lists).
 
-What a count on the CPU does not show of a GPU run: device-specific choices (learner's
-optimizers are fused on CUDA and foreach here; torch's own defaults pick foreach only for
-CUDA tensors), bf16 autocast casts (the teachers run under autocast on CUDA only), and the
+What a count on the CPU does not show of a GPU run: device-specific choices (torch's own
+defaults pick foreach only for CUDA tensors; the learner's optimizers are fused on both), bf16
+autocast casts (the teachers run under autocast on CUDA only), and the
 kernels inside regions compiled with train.compile, which are launched without the dispatcher
 (count with train.compile=false). DeepSpeed's gradient buckets hold 5e7 elements, so the
 flagship's full widths add a few operators per extra bucket.
