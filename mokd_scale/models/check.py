@@ -43,7 +43,7 @@ def check_backbone(config: Config, name: str) -> None:
     if is_vit_arch(net.arch):
         check_vit(model, config, key)
     else:
-        check_cnn(config, key)
+        check_cnn(net, config, key)
 
 
 def check_vit(model, config: Config, key: str) -> None:
@@ -58,8 +58,7 @@ def check_vit(model, config: Config, key: str) -> None:
                               f"pick a multiple, e.g. {max(patch, size // patch * patch)}")
 
 
-def check_cnn(config: Config, key: str) -> None:
-    net = getattr(config.networks, key.split(".")[1])
+def check_cnn(net, config: Config, key: str) -> None:
     for field in ("global_crop_size", "local_crop_size"):
         size = getattr(config.data, field)
         try:

@@ -143,7 +143,7 @@ def final_knn_from_metrics(run_dir: Path) -> dict | None:
     rows = plot_metrics.read_metrics(run_dir / "metrics.jsonl")
     last_step = max((row["step"] for row in rows), default=-1)
     for row in reversed(rows):
-        if row["step"] == last_step and "knn.a.top1" in row and "knn.b.top1" in row:
+        if row["step"] == last_step and all(f"knn.{n}.top1" in row for n in NETWORKS):
             result = {n: {"top1": row[f"knn.{n}.top1"], "top5": row[f"knn.{n}.top5"]} for n in NETWORKS}
             return {**result, "step": last_step, "source": "metrics.jsonl"}
     return None

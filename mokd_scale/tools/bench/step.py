@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from mokd_scale import dist
-from mokd_scale.config import Config, add_set_argument, load_config, validate_world_size
+from mokd_scale.config import NETWORKS, PARTNER, Config, add_set_argument, load_config, validate_world_size
 from mokd_scale.profiling import phase
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
@@ -68,7 +68,7 @@ def add_recipe_args(parser: argparse.ArgumentParser, default_config: str = "tiny
 def recipe_overrides(config_sets: list[str], zero: int | None) -> list[str]:
     overrides = list(BENCH_DEFAULTS)
     if zero is not None:
-        overrides += [f"networks.{name}.deepspeed={ZERO_CONFIGS[zero]}" for name in ("a", "b")]
+        overrides += [f"networks.{name}.deepspeed={ZERO_CONFIGS[zero]}" for name in NETWORKS]
     return overrides + list(config_sets)
 
 
@@ -260,9 +260,9 @@ def mokd_step_flops(config: Config) -> dict:
     data, batch = config.data, config.train.micro_batch_size
     with torch.device("meta"):
         # Built as teachers: no checkpointing (recomputation is hardware work, not model work).
-        networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in ("a", "b")}
+        networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in NETWORKS}
         centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum, with_search=not independent)
-                   for name in ("a", "b")}
+                   for name in NETWORKS}
         crops = [torch.empty(batch, 3, data.global_crop_size, data.global_crop_size) for _ in range(2)]
         crops += [torch.empty(batch, 3, data.local_crop_size, data.local_crop_size)
                   for _ in range(data.num_local_crops)]
@@ -270,7 +270,7 @@ def mokd_step_flops(config: Config) -> dict:
     with counter:
         teachers = {name: teacher_forward(net, crops[:2]) for name, net in networks.items()}
     flops = {"teachers_forward": counter.get_total_flops()}
-    for name, partner in (("a", "b"), ("b", "a")):
+    for name, partner in PARTNER.items():
         counter = FlopCounterMode(display=False)
         with counter:
             terms = network_losses(networks[name], crops, teachers[name], None if independent else teachers[partner],
@@ -300,7 +300,7 @@ class OurStep:
 
         torch.manual_seed(config.seed)
         search_dim = pair_search_dim(config)
-        self.learners = {name: Learner(name, config, search_dim, info.device, info.world_size) for name in ("a", "b")}
+        self.learners = {name: Learner(name, config, search_dim, info.device, info.world_size) for name in NETWORKS}
         self.coordinator = Coordinator(config, self.learners, Schedules.build(config), info.device)
 
     def dtype(self) -> torch.dtype:
@@ -357,7 +357,7 @@ class DdpStep:
         search_dim = None if self.independent else pair_search_dim(config)
         self.students, self.teachers, self.optimizers, self.gates = {}, {}, {}, {}
         self.centers, self.dtypes, self.emas = {}, {}, {}
-        for name in ("a", "b"):
+        for name in NETWORKS:
             net_cfg = getattr(config.networks, name)
             network = build_network(config, name, search_dim=search_dim)
             teacher = make_teacher(config, name, network, search_dim)
