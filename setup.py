@@ -32,11 +32,11 @@ setup(
     packages=find_packages(include=["mokd_scale", "mokd_scale.*"]),
     # ds_configs/ inside the package is a link to the repository's top-level ds_configs/; building a
     # wheel copies the files it points at, so an installed package carries the DeepSpeed JSONs.
-    package_data={"mokd_scale": ["configs/*.yaml", "ds_configs/*.json"]},
+    package_data={"mokd_scale": ["config/recipes/*.yaml", "ds_configs/*.json"]},
     install_requires=RUNTIME,
     extras_require=EXTRAS,
     entry_points={"console_scripts": [
-        "mokd-train = mokd_scale.train:main",
+        "mokd-train = mokd_scale.train.cli:main",
         "mokd-shards = mokd_scale.tools.make_shards:main",
         "mokd-eval-knn = mokd_scale.tools.eval_knn:main",
         "mokd-eval-linear = mokd_scale.tools.eval_linear:main",

@@ -218,7 +218,7 @@ main() {
         exit 2
     fi
     activate_environment
-    # Rendezvous on the job's first node, as Slurm itself expands its host list (mokd_scale.dist
+    # Rendezvous on the job's first node, as Slurm itself expands its host list (mokd_scale.runtime.dist
     # parses SLURM_JOB_NODELIST only where MASTER_ADDR is unset, e.g. a bare srun).
     MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)
     if [ -n "$MASTER_ADDR" ]; then export MASTER_ADDR; else unset MASTER_ADDR; fi

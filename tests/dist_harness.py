@@ -15,7 +15,7 @@ import traceback
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mokd_scale.dist import free_port
+from mokd_scale.runtime.dist import free_port
 
 
 class RankFailed(AssertionError):

@@ -12,7 +12,7 @@ STEPS = 2
 
 
 def both_loops(rank, world_size, sets):
-    from mokd_scale import dist
+    from mokd_scale.runtime import dist
     from mokd_scale.tools.bench.step import DdpStep, OurStep, bench_config, bench_micro_batches, recipe_overrides
 
     info = dist.DistInfo(rank, world_size, rank, torch.device("cpu"))

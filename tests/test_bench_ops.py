@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mokd_scale.profiling import phase
+from mokd_scale.runtime.profiling import phase
 from mokd_scale.tools.bench.ops import OperatorCounter, is_host_sync, kind_of
 from tests.dist_harness import run_on_ranks
 from tests.test_bench import TINY, run_bench

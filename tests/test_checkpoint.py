@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mokd_scale import checkpoint, faults, manifest
+from mokd_scale.train import checkpoint
+from mokd_scale.runtime import faults
+from mokd_scale.train import manifest
 
 
 def make_tag(checkpoints: Path, step: int, with_manifest: bool = True) -> Path:

@@ -65,7 +65,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 
 def test_deepspeed_json_resolves_from_the_working_directory_then_the_package(tmp_path, monkeypatch):
-    from mokd_scale.config import DEEPSPEED_DIR, deepspeed_json_path
+    from mokd_scale.config.load import DEEPSPEED_DIR, deepspeed_json_path
 
     monkeypatch.chdir(tmp_path)  # no ds_configs/ here: the packaged file answers
     assert deepspeed_json_path("ds_configs/zero2_bf16.json") == DEEPSPEED_DIR / "zero2_bf16.json"

@@ -118,7 +118,7 @@ class Pixels(torch.nn.Module):
 def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
     """The demo's data path end to end: labels survive folder -> shards -> eval loader -> k-NN."""
     from mokd_scale.config import load_config
-    from mokd_scale.knn import evaluate_knn
+    from mokd_scale.eval.knn import evaluate_knn
 
     striped_fashion_mnist(tmp_path / "src")
     root = tmp_path / "fm"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mokd_scale import dist as mdist
+from mokd_scale.runtime import dist as mdist
 from tests.dist_harness import RankFailed, run_on_ranks
 
 

@@ -115,8 +115,8 @@ def test_clear_errors(tmp_path, tiny_networks, capsys):
 def train_one_step_and_save(rank, world_size, out_dir):
     """Network a in a ZeRO-3 engine, b in ZeRO-2; one optimizer step; a checkpoint in our layout."""
     import deepspeed
-    from mokd_scale import checkpoint
-    from mokd_scale.learner import Learner
+    from mokd_scale.train import checkpoint
+    from mokd_scale.engine.learner import Learner
 
     cfg = load_config("tiny_cpu", ["networks.a.deepspeed=ds_configs/zero3_bf16.json",
                                    "networks.b.deepspeed=ds_configs/zero2_bf16.json",

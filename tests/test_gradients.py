@@ -37,10 +37,10 @@ def sgd_config(stage: int, clip: float, extra=()):
 
 
 def build(config, world_size):
-    from mokd_scale.coordinator import Coordinator
-    from mokd_scale.learner import Learner
+    from mokd_scale.train.step import Coordinator
+    from mokd_scale.engine.learner import Learner
     from mokd_scale.models import pair_search_dim
-    from mokd_scale.schedules import Schedules
+    from mokd_scale.train.schedules import Schedules
 
     torch.manual_seed(0)
     device = torch.device("cpu")

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mokd_scale import knn, linear_probe
+from mokd_scale.eval import knn
+from mokd_scale.eval import linear_probe
 from tests.dist_harness import run_on_ranks
 
 

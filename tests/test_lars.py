@@ -3,7 +3,7 @@
 decay (biases, norms) take plain momentum SGD."""
 import torch
 
-from mokd_scale.lars import LARS
+from mokd_scale.engine.lars import LARS
 
 
 def test_lars_step_follows_the_update_norm_rule_and_skips_no_decay_groups():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mokd_scale.config import load_config
-from mokd_scale.schedules import Schedules
+from mokd_scale.train.schedules import Schedules
 from tests.dist_harness import run_on_ranks
 
 BF16_OVERRIDES = ["data.source=synthetic", "train.global_batch_size=4", "train.micro_batch_size=4",
@@ -21,9 +21,9 @@ BF16_OVERRIDES = ["data.source=synthetic", "train.global_batch_size=4", "train.m
 
 
 def bf16_teacher_steps(rank, world_size):
-    from mokd_scale.coordinator import Coordinator
+    from mokd_scale.train.step import Coordinator
     from mokd_scale.data import build_train_loader
-    from mokd_scale.learner import Learner
+    from mokd_scale.engine.learner import Learner
     from mokd_scale.models import pair_search_dim
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)
@@ -64,9 +64,9 @@ def test_teacher_stays_fp32_and_moves_every_step_under_a_bf16_student():
 
 def ema_after_one_step(rank, world_size, deepspeed_json):
     """Teacher before and after one step, and the student after it, under a ZeRO-2 engine."""
-    from mokd_scale.coordinator import Coordinator
+    from mokd_scale.train.step import Coordinator
     from mokd_scale.data import build_train_loader
-    from mokd_scale.learner import Learner
+    from mokd_scale.engine.learner import Learner
     from mokd_scale.models import pair_search_dim
 
     config = load_config("tiny_cpu", [*BF16_OVERRIDES[:-3], "networks.a.precision=fp32", "networks.b.precision=fp32",
@@ -101,7 +101,7 @@ def test_ema_over_deepspeed_flat_buffers_equals_the_per_tensor_update():
 
 def test_multi_tensor_optimizers_step_like_the_per_tensor_loop():
     from mokd_scale.config import NetworkConfig
-    from mokd_scale.learner import build_optimizer
+    from mokd_scale.engine.learner import build_optimizer
 
     for kind in ("adamw", "sgd"):
         torch.manual_seed(0)
@@ -124,7 +124,7 @@ def test_multi_tensor_optimizers_step_like_the_per_tensor_loop():
 
 
 def test_parameter_groups_tag_last_layer_and_exclude_biases_and_1d_tensors_from_decay():
-    from mokd_scale.learner import LAST_LAYER, parameter_groups
+    from mokd_scale.engine.learner import LAST_LAYER, parameter_groups
     from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)
@@ -146,7 +146,7 @@ def test_parameter_groups_tag_last_layer_and_exclude_biases_and_1d_tensors_from_
 
 def test_search_head_can_follow_the_partner_schedule_with_decay_on_everything():
     """The authors' CNN steps its search head at the ViT's lr and weight decay, biases and norms included."""
-    from mokd_scale.learner import parameter_groups
+    from mokd_scale.engine.learner import parameter_groups
     from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)

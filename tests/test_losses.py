@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mokd_scale.config import load_config
-from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy
+from mokd_scale.method.losses import Centers, dino_cross_entropy, paired_cross_entropy
 from mokd_scale.models import build_network
-from mokd_scale.mokd_terms import network_losses, teacher_forward
+from mokd_scale.method.terms import network_losses, teacher_forward
 
 TEACHER_T, STUDENT_T = 0.04, 0.1
 TINY_VIT = "{patch_size: 4, img_size: 32, embed_dim: 64, depth: %d, num_heads: 2}"
@@ -271,7 +271,7 @@ def test_bf16_student_matches_fp32_within_bf16_tolerance():
 
 
 def test_cross_search_targets_in_one_forward_equal_one_forward_per_local_crop(vit_pair):
-    from mokd_scale.mokd_terms import cross_search_targets
+    from mokd_scale.method.terms import cross_search_targets
     _, teachers, _ = vit_pair
     crops = make_crops(batch=3, num_local=4)
     partner = teacher_forward(teachers["b"], crops[:2])

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from mokd_scale.coordinator import StepStats
-from mokd_scale.metrics import MetricsWriter, StepAccumulator, console_line
+from mokd_scale.train.step import StepStats
+from mokd_scale.train.metrics import MetricsWriter, StepAccumulator, console_line
 
 
 TERMS = ("self_proj", "self_search", "cross_proj", "cross_search", "loss")

@@ -294,7 +294,7 @@ def test_search_head_l2_switch_bounds_logits_by_the_scale():
 
 
 def test_teacher_never_drops_paths_and_starts_as_the_student():
-    from mokd_scale.learner import make_teacher
+    from mokd_scale.engine.learner import make_teacher
     cfg = small_config(**{"networks.a.drop_path_rate": 0.5})
     torch.manual_seed(0)
     student = build_network(cfg, "a").train()

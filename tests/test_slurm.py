@@ -31,7 +31,7 @@ CANNOT_INSTALL = 3  # cluster_up.sh's exit code when Slurm cannot be installed o
 TWO_CPU_NODES = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 # The tiny recipe shrunk further so a step takes a fraction of a second on a shared 2-core machine.
 TINY = "data.source=synthetic train.global_batch_size=16 train.micro_batch_size=8 train.log_every=1 train.knn_every=0"
-# Variables of an enclosing launcher would override Slurm's in mokd_scale.dist or confuse sbatch.
+# Variables of an enclosing launcher would override Slurm's in mokd_scale.runtime.dist or confuse sbatch.
 FOREIGN_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -189,7 +189,7 @@ def scancel(job_id: str) -> None:
 # --- tests -----------------------------------------------------------------------------------
 
 def test_nodelist_fallback_agrees_with_scontrol(slurm_cluster):
-    from mokd_scale.dist import expand_nodelist
+    from mokd_scale.runtime.dist import expand_nodelist
 
     for nodelist in ("gpu[001-003,010],cpu7", "n1", "a[1-2]-ib[0-1]", "node[9-11]", "x[08-10],y[1,3-4]"):
         expanded = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,

@@ -30,11 +30,11 @@ STEPS = 2
 
 def build(config, compiled: tuple[str, ...] = ()):
     """The real Learners and Coordinator; `compiled` networks get train.compile=true."""
-    from mokd_scale.coordinator import Coordinator
+    from mokd_scale.train.step import Coordinator
     from mokd_scale.data import build_train_loader
-    from mokd_scale.learner import Learner
+    from mokd_scale.engine.learner import Learner
     from mokd_scale.models import pair_search_dim
-    from mokd_scale.schedules import Schedules
+    from mokd_scale.train.schedules import Schedules
 
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -87,7 +87,7 @@ def test_compiled_step_gives_the_eager_losses_and_weights():
 
 
 def channels_last_rank(rank, world_size):
-    import mokd_scale.learner as learner
+    import mokd_scale.engine.learner as learner
 
     config = load_config("tiny_cpu", TINY)
     plain = run_steps(config)
@@ -104,7 +104,7 @@ def test_channels_last_cnn_step_gives_the_default_layout_losses_and_weights():
 
 
 def test_channels_last_is_chosen_for_cnns_in_bf16_on_gpus_only():
-    from mokd_scale.learner import wants_channels_last
+    from mokd_scale.engine.learner import wants_channels_last
     from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", TINY)
@@ -130,7 +130,7 @@ def test_compile_regions_are_every_block_and_both_heads():
 
 
 def test_compile_refuses_unknown_backbones_and_zero3():
-    from mokd_scale.learner import Learner
+    from mokd_scale.engine.learner import Learner
     from mokd_scale.models import pair_search_dim
 
     config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.b.arch=convnext_atto",
@@ -167,7 +167,7 @@ def test_zero2_without_deepspeeds_own_gradient_checks_gives_the_same_step(tmp_pa
 
 
 def nan_rank(rank, world_size):
-    from mokd_scale.coordinator import NonFiniteLoss
+    from mokd_scale.train.step import NonFiniteLoss
 
     learners, coordinator, batches = build(load_config("tiny_cpu", TINY + BF16))
     assert not learners["a"].engine._config.bfloat16_config.check_grad_overflow
@@ -188,7 +188,7 @@ def test_a_non_finite_bf16_zero2_gradient_still_stops_the_step_unapplied():
 
 
 def test_deepspeed_keeps_its_gradient_norm_where_it_clips():
-    from mokd_scale.learner import deepspeed_config
+    from mokd_scale.engine.learner import deepspeed_config
 
     config = load_config("tiny_cpu", TINY + ["networks.a.clip_mode=global"])
     clipped = deepspeed_config(config.networks.a, config, 1, torch.float32)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mokd_scale.checkpoint import read_latest, read_state
+from mokd_scale.train.checkpoint import read_latest, read_state
 from tests.dist_harness import run_on_ranks
 
 REPO = Path(__file__).resolve().parent.parent

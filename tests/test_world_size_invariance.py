@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tests.dist_harness import run_on_ranks
 from tests.test_losses import STUDENT_T, TEACHER_T, build_pair, make_crops, tiny_config
-from mokd_scale.mokd_terms import network_losses, teacher_forward
+from mokd_scale.method.terms import network_losses, teacher_forward
 
 GLOBAL_BATCH = 8
 NUM_LOCAL = 2

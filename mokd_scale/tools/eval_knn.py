@@ -54,7 +54,7 @@ def load_teachers(args: argparse.Namespace, device):
     """-> (config, {name: teacher MokdNetwork on device, eval mode}, run info for the JSON)."""
     import torch
 
-    from mokd_scale.checkpoint import find_tag, read_state
+    from mokd_scale.train.checkpoint import find_tag, read_state
     from mokd_scale.config import apply_override, from_dict, validate
     from mokd_scale.models import build_network
 
@@ -83,7 +83,7 @@ def load_teachers(args: argparse.Namespace, device):
 def run_on_teachers(tool: str, args: argparse.Namespace, evaluate) -> int:
     """The eval tools' shared main: load the teachers on every rank, call
     evaluate(config, networks, info) (a collective), print its JSON once."""
-    from mokd_scale import dist
+    from mokd_scale.runtime import dist
 
     info = dist.init_distributed()
     try:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def evaluate(config, networks, info):
-        from mokd_scale.knn import evaluate_knn
+        from mokd_scale.eval.knn import evaluate_knn
         return evaluate_knn(networks, config, info.rank, info.world_size, info.device)
 
     return run_on_teachers("mokd-eval-knn", args, evaluate)

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def evaluate(config, networks, info):
-        from mokd_scale.linear_probe import run_probe
+        from mokd_scale.eval.linear_probe import run_probe
         return run_probe(config, networks, info.rank, info.world_size, info.device, args)
 
     return run_on_teachers("mokd-eval-linear", args, evaluate)

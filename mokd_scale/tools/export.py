@@ -74,7 +74,7 @@ def export(checkpoint_path: str | Path, network: str, out: str | Path, tag: str 
     """Write the backbone as a timm model folder `out`; returns a summary (arch, kwargs, step, load line)."""
     from timm.models import save_for_hf
 
-    from mokd_scale import checkpoint
+    from mokd_scale.train import checkpoint
     from mokd_scale.models.backbone import create_timm_model, timm_kwargs
 
     out = Path(out)

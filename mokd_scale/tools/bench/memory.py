@@ -27,7 +27,7 @@ import io
 
 import torch
 
-from mokd_scale import dist
+from mokd_scale.runtime import dist
 from mokd_scale.config import NETWORKS
 from mokd_scale.tools.bench.step import (OurStep, add_recipe_args, all_ranks_max, batches_for_step, bench_config,
                         bench_micro_batches, device_name, launch, load_average, peak_memory_bytes,

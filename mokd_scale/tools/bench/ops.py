@@ -11,7 +11,7 @@ TorchDispatchMode, over whole optimizer steps after --warmup steps (which create
 state and let the first-call paths run).
 
 Each operator is attributed to the innermost named phase running when it is dispatched
-(mokd_scale.profiling: `with phase("ema")`, ...; "other" outside any). Autograd runs a CPU
+(mokd_scale.runtime.profiling: `with phase("ema")`, ...; "other" outside any). Autograd runs a CPU
 backward in the calling thread, so backward operators are seen and fall in the phase that
 called backward. Phases are reported in the order they first appear; none is assumed.
 
@@ -56,9 +56,9 @@ import collections
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mokd_scale import dist
+from mokd_scale.runtime import dist
 from mokd_scale.config import NETWORKS, load_config
-from mokd_scale.profiling import current_phase
+from mokd_scale.runtime.profiling import current_phase
 from mokd_scale.tools.bench.step import (ZERO_CONFIGS, DdpStep, OurStep, add_recipe_args, batches_for_step,
                                          bench_config, bench_micro_batches, device_name, launch, recipe_overrides,
                                          start_rank)

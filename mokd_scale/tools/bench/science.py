@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder for the data, the shards and the runs (reused by a later call)")
     parser.add_argument("--out", default="", help="write the JSON report here instead of stdout")
     parser.add_argument("--png", type=Path, default=None, help="plot (default: WORK/science.png)")
-    parser.add_argument("--config", default="tiny_cpu", help="recipe name (mokd_scale/configs/) or YAML path")
+    parser.add_argument("--config", default="tiny_cpu", help="recipe name (mokd_scale/config/recipes/) or YAML path")
     add_set_argument(parser, "recipe fields of every run (not seed, mokd.mode, output_dir: the benchmark sets them)")
     parser.add_argument("--steps", type=int, default=0, help="optimizer steps per run (0: the recipe's train.steps)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per mode: 0..SEEDS-1")
@@ -146,7 +146,7 @@ class Progress:
         self.seconds = 0.0
 
     def eta(self, run_started: float, run_steps_done: int) -> str:
-        from mokd_scale.metrics import format_duration  # imports torch: only once training runs
+        from mokd_scale.train.metrics import format_duration  # imports torch: only once training runs
         done = self.done_steps + run_steps_done
         if done == 0:
             return "?"

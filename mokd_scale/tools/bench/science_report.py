@@ -8,7 +8,7 @@ import typing
 from pathlib import Path
 
 from mokd_scale.config import NETWORKS
-from mokd_scale.config_schema import MokdConfig
+from mokd_scale.config.schema import MokdConfig
 
 MODES = typing.get_args(typing.get_type_hints(MokdConfig)["mode"])  # ("mokd", "independent")
 

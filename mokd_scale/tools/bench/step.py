@@ -42,9 +42,9 @@ import traceback
 import torch
 from torch import nn
 
-from mokd_scale import dist
+from mokd_scale.runtime import dist
 from mokd_scale.config import NETWORKS, PARTNER, Config, add_set_argument, load_config, validate_world_size
-from mokd_scale.profiling import phase
+from mokd_scale.runtime.profiling import phase
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
@@ -54,7 +54,7 @@ BENCH_DEFAULTS = ["data.source=synthetic", "data.workers=0"]
 # ---------------------------------------------------------------- shared by step and memory
 
 def add_recipe_args(parser: argparse.ArgumentParser, default_config: str = "tiny_cpu") -> None:
-    parser.add_argument("--config", default=default_config, help="recipe name (mokd_scale/configs/) or YAML path")
+    parser.add_argument("--config", default=default_config, help="recipe name (mokd_scale/config/recipes/) or YAML path")
     add_set_argument(parser, "recipe fields (after the bench defaults data.source=synthetic, data.workers=0 "
                              "and after --zero)")
     parser.add_argument("--nproc", type=int, default=1,
@@ -252,9 +252,9 @@ def mokd_step_flops(config: Config) -> dict:
     """FLOPs of one micro-batch of the MOKD step, counted on the meta device (see module doc)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mokd_scale.losses import Centers
+    from mokd_scale.method.losses import Centers
     from mokd_scale.models import build_network
-    from mokd_scale.mokd_terms import network_losses, teacher_forward
+    from mokd_scale.method.terms import network_losses, teacher_forward
 
     independent = config.mokd.mode == "independent"
     data, batch = config.data, config.train.micro_batch_size
@@ -293,10 +293,10 @@ class OurStep:
     name = "ours"
 
     def __init__(self, config: Config, info: dist.DistInfo):
-        from mokd_scale.coordinator import Coordinator
-        from mokd_scale.learner import Learner
+        from mokd_scale.train.step import Coordinator
+        from mokd_scale.engine.learner import Learner
         from mokd_scale.models import pair_search_dim
-        from mokd_scale.schedules import Schedules
+        from mokd_scale.train.schedules import Schedules
 
         torch.manual_seed(config.seed)
         search_dim = pair_search_dim(config)
@@ -324,7 +324,7 @@ class MultiCropStudent(nn.Module):
         self.compute_dtype = compute_dtype
 
     def forward(self, crops):
-        from mokd_scale.mokd_terms import student_forward
+        from mokd_scale.method.terms import student_forward
         return student_forward(self.network, crops, self.compute_dtype)
 
 
@@ -339,15 +339,15 @@ class DdpStep:
     name = "ddp"
 
     def __init__(self, config: Config, info: dist.DistInfo):
-        from mokd_scale.coordinator import PARTNER
-        from mokd_scale.ema import TeacherEMA
-        from mokd_scale.gradients import GradientGate
-        from mokd_scale.learner import (LAST_LAYER, build_optimizer, make_teacher, parameter_groups,
+        from mokd_scale.train.step import PARTNER
+        from mokd_scale.engine.ema import TeacherEMA
+        from mokd_scale.engine.gradients import GradientGate
+        from mokd_scale.engine.learner import (LAST_LAYER, build_optimizer, make_teacher, parameter_groups,
                                         resolve_precision)
-        from mokd_scale.losses import Centers
+        from mokd_scale.method.losses import Centers
         from mokd_scale.models import build_network, pair_search_dim
-        from mokd_scale.mokd_terms import loss_terms
-        from mokd_scale.schedules import Schedules
+        from mokd_scale.method.terms import loss_terms
+        from mokd_scale.train.schedules import Schedules
 
         torch.manual_seed(config.seed)
         self.config, self.device, self.partner = config, info.device, PARTNER
@@ -424,7 +424,7 @@ class DdpStep:
 
     def micro_step(self, batch: dict, values: dict, accumulation: int) -> dict[str, torch.Tensor]:
         from mokd_scale.data import normalize_crops
-        from mokd_scale.mokd_terms import teacher_forward
+        from mokd_scale.method.terms import teacher_forward
 
         crops = normalize_crops(batch["crops"], self.device, torch.float32, self.config.data.mean,
                                 self.config.data.std)
@@ -450,7 +450,7 @@ class DdpStep:
 
     def network_terms(self, name: str, student_out, targets: dict, values: dict):
         """network_losses() of a student output already in hand (both forwards ran first)."""
-        from mokd_scale.mokd_terms import student_losses
+        from mokd_scale.method.terms import student_losses
 
         partner = None if self.independent else self.partner[name]
         return student_losses(

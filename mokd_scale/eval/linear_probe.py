@@ -73,7 +73,7 @@ def probe_features(networks: dict, device: torch.device) -> dict[str, LinearProb
 
 def run_probe(config, networks: dict, rank: int, world_size: int, device: torch.device, args) -> dict:
     from mokd_scale.data import build_eval_loader
-    from mokd_scale.knn import collect_features
+    from mokd_scale.eval.knn import collect_features
 
     models = probe_features(networks, device)
     batch_size = config.eval.batch_size

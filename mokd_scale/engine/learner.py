@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from mokd_scale.config import Config, NetworkConfig, deepspeed_json_path, gradient_accumulation_steps
-from mokd_scale.lars import LARS
-from mokd_scale.ema import TeacherEMA
-from mokd_scale.gradients import GradientGate
-from mokd_scale.losses import Centers
+from mokd_scale.engine.lars import LARS
+from mokd_scale.engine.ema import TeacherEMA
+from mokd_scale.engine.gradients import GradientGate
+from mokd_scale.method.losses import Centers
 from mokd_scale.models import MokdNetwork, build_network
 from mokd_scale.models.compile import compile_regions
 

@@ -32,8 +32,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from mokd_scale.losses import Centers, dino_cross_entropy, paired_cross_entropy
-from mokd_scale.profiling import phase
+from mokd_scale.method.losses import Centers, dino_cross_entropy, paired_cross_entropy
+from mokd_scale.runtime.profiling import phase
 
 MOKD_TERMS = ("self_proj", "self_search", "cross_proj", "cross_search")
 INDEPENDENT_TERMS = ("self_proj",)

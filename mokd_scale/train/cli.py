@@ -29,14 +29,10 @@ import argparse
 import os
 import sys
 
+from mokd_scale.runtime.exit_codes import EXIT_CONFIG
 from mokd_scale.config import (Config, ConfigError, add_set_argument, load_config, sections_help,
                                validate_world_size, with_help)
 
-EXIT_CONFIG = 2
-EXIT_NON_FINITE = 3
-EXIT_RESUME = 4
-EXIT_SAVE_FAILED = 74
-EXIT_PREEMPTED = 75
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="recipe sections (see every field with --print-config):\n"
                                             + sections_help())
-    parser.add_argument("--config", help="recipe name (mokd_scale/configs/) or YAML path; required to train")
+    parser.add_argument("--config", help="recipe name (mokd_scale/config/recipes/) or YAML path; required to train")
     add_set_argument(parser)
     parser.add_argument("--out", default=None, help="run folder (checkpoints, metrics); same as --set output_dir=OUT")
     parser.add_argument("--resume", default="auto",
@@ -85,7 +81,7 @@ def recipe_or_defaults(name: str | None, overrides: list[str]) -> Config:
 
 
 def launch_world_size() -> int:
-    from mokd_scale.dist import launch_env
+    from mokd_scale.runtime.dist import launch_env
     return int(launch_env(dict(os.environ))["WORLD_SIZE"])
 
 
@@ -98,8 +94,8 @@ def check_models(config: Config) -> None:
 
 
 def run(config: Config, resume: str) -> int:
-    from mokd_scale import dist
-    from mokd_scale.trainer import train
+    from mokd_scale.runtime import dist
+    from mokd_scale.train.loop import train
     owns_process_group = not dist.is_dist()  # a caller's group (tests, notebooks) stays up
     info = dist.init_distributed(config.train.collective_timeout_s)
     try:

@@ -1,6 +1,6 @@
 """The training run behind mokd-train: one Trainer per rank, from resume to the last checkpoint.
 
-The command line, the exit codes and the exit protocol are in mokd_scale/train.py; this module holds
+The command line, the exit codes and the exit protocol are in mokd_scale/train/cli.py; this module holds
 what needs torch, DeepSpeed and timm, so that `mokd-train --help` answers without loading them.
 """
 from __future__ import annotations
@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mokd_scale import checkpoint, dist, faults
+from mokd_scale.train import checkpoint
+from mokd_scale.runtime import dist
+from mokd_scale.runtime import faults
 from mokd_scale.config import NETWORKS, Config, to_dict, write_config
-from mokd_scale.coordinator import Coordinator, NonFiniteLoss
-from mokd_scale.learner import Learner, zero_stage_of
-from mokd_scale.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
+from mokd_scale.train.step import Coordinator, NonFiniteLoss
+from mokd_scale.engine.learner import Learner, zero_stage_of
+from mokd_scale.train.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
 from mokd_scale.models import pair_search_dim
-from mokd_scale.schedules import Schedules
-from mokd_scale.train import EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_RESUME, EXIT_SAVE_FAILED
+from mokd_scale.train.schedules import Schedules
+from mokd_scale.runtime.exit_codes import EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_RESUME, EXIT_SAVE_FAILED
 
 def train(config: Config, info: dist.DistInfo, resume: str) -> int:
     try:
@@ -200,7 +202,7 @@ class Trainer:
 
     def evaluate_knn(self, step: int) -> None:
         """k-NN of both teachers' backbones on the val shards; a collective on every rank."""
-        from mokd_scale.knn import evaluate_knn
+        from mokd_scale.eval.knn import evaluate_knn
         started = time.monotonic()
         teachers = {name: learner.teacher for name, learner in self.learners.items()}
         results = evaluate_knn(teachers, self.config, self.info.rank, self.info.world_size, self.info.device)

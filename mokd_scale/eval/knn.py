@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mokd_scale import dist
+from mokd_scale.runtime import dist
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from mokd_scale import dist
+from mokd_scale.runtime import dist
 from mokd_scale.config import NETWORKS
 
 if TYPE_CHECKING:  # the trainer's modules (DeepSpeed) stay out of light importers such as mokd-bench science
-    from mokd_scale.coordinator import StepStats
+    from mokd_scale.train.step import StepStats
 
 SCHEDULED = ("lr", "wd", "teacher_momentum", "teacher_temperature")
 PERFORMANCE = ("images_per_s", "seconds_per_step", "peak_memory_gib")

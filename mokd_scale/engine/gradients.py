@@ -26,8 +26,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from mokd_scale import dist
-from mokd_scale.profiling import phase
+from mokd_scale.runtime import dist
+from mokd_scale.runtime.profiling import phase
 
 # Added to the norm before dividing, as DINO's clip_gradients does.
 CLIP_EPSILON = 1e-6

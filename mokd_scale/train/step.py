@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mokd_scale import faults
+from mokd_scale.runtime import faults
 from mokd_scale.config import PARTNER, Config
 from mokd_scale.data import normalize_crops
-from mokd_scale.learner import Learner
-from mokd_scale.mokd_terms import TeacherOutputs, loss_terms, network_losses, teacher_forward
-from mokd_scale.profiling import phase
-from mokd_scale.schedules import Schedules
+from mokd_scale.engine.learner import Learner
+from mokd_scale.method.terms import TeacherOutputs, loss_terms, network_losses, teacher_forward
+from mokd_scale.runtime.profiling import phase
+from mokd_scale.train.schedules import Schedules
 
 
 

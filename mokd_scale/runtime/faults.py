@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from mokd_scale import dist
+from mokd_scale.runtime import dist
 
 VARIABLE = "MOKD_FAULTS"
 KINDS = ("nan", "crash", "kill_in_save", "save_error", "slow_save")

@@ -31,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mokd_scale import dist, faults, manifest
-from mokd_scale.manifest import MANIFEST
+from mokd_scale.runtime import dist
+from mokd_scale.runtime import faults
+from mokd_scale.train import manifest
+from mokd_scale.train.manifest import MANIFEST
 
 LATEST = "latest"
 STATE_FILE = "mokd_state.pt"

@@ -1,6 +1,6 @@
 """Typed run configuration: a YAML recipe plus `--set key=value` overrides.
 
-A recipe is a packaged name (`tiny_cpu`, see mokd_scale/configs/) or a path to a YAML
+A recipe is a packaged name (`tiny_cpu`, see mokd_scale/config/recipes/) or a path to a YAML
 file. Every key is checked against the dataclasses below, so a typo fails at start-up
 with the list of valid keys instead of being silently ignored.
 """
@@ -14,13 +14,13 @@ from typing import Any
 
 import yaml
 
-from mokd_scale.config_schema import (  # noqa: F401 - the schema is part of this module's interface
+from mokd_scale.config.schema import (
     IMAGENET_MEAN, IMAGENET_STD, NETWORKS, PARTNER, Config, DataConfig, EvalConfig, MokdConfig, NetworkConfig,
     NetworksConfig, TrainConfig, help_of)
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "recipes"
 # The repository's top-level ds_configs/: a link in a checkout, a copy inside an installed wheel.
-DEEPSPEED_DIR = Path(__file__).parent / "ds_configs"
+DEEPSPEED_DIR = Path(__file__).parent.parent / "ds_configs"
 
 
 class ConfigError(ValueError):

@@ -1,0 +1,1 @@
+"""Evaluation of frozen backbones: weighted k-NN and the linear probe."""

@@ -1,0 +1,5 @@
+import sys
+
+from mokd_scale.train.cli import main
+
+sys.exit(main())
