@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from mokd_scale.config.schema import (
-    IMAGENET_MEAN, IMAGENET_STD, NETWORKS, PARTNER, Config, DataConfig, EvalConfig, MokdConfig, NetworkConfig,
-    NetworksConfig, TrainConfig, help_of)
+import re
+
+from mokd_scale.config.schema import Config, NetworkConfig, Networks, help_of
 
 CONFIG_DIR = Path(__file__).parent / "recipes"
 # The repository's top-level ds_configs/: a link in a checkout, a copy inside an installed wheel.
@@ -87,6 +87,7 @@ def apply_override(raw: dict, item: str) -> None:
     key, text = item.split("=", 1)
     parts = key.strip().split(".")
     check_key_path(parts)
+    check_network_named(raw, parts)
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -104,10 +105,24 @@ def parse_override_value(text: str) -> Any:
         return text  # a plain string such as a path with odd characters
 
 
+def check_network_named(raw: dict, parts: list[str]) -> None:
+    """`networks.NAME.field=...` must name a network of the recipe; a new network is added by setting its
+    architecture first (`networks.c.arch=convnext_atto`), so that a misspelt name is not a new network."""
+    if len(parts) < 3 or parts[0] != "networks":
+        return
+    networks = raw.get("networks") or {}
+    if parts[1] not in networks and parts[2] != "arch":
+        raise ConfigError(f"unknown network {parts[1]!r} in {'.'.join(parts)!r}: the recipe has {list(networks)}; "
+                          f"to add a network, set its architecture first: networks.{parts[1]}.arch=...")
+
+
 def check_key_path(parts: list[str]) -> None:
     """Fail early with the valid keys at the level where a path goes wrong."""
     cls: Any = Config
     for depth, part in enumerate(parts):
+        if cls is Networks:  # a network's name, then its fields
+            cls = NetworkConfig
+            continue
         if not dataclasses.is_dataclass(cls):
             # Below a dict-typed field (arch_kwargs) any key is allowed.
             return
@@ -147,6 +162,8 @@ def convert(expected, value: Any, key: str):
     """Convert a YAML value to the field's type, or raise naming key, type and value."""
     if dataclasses.is_dataclass(expected):
         return build_dataclass(expected, value, key + ".")
+    if expected is Networks:
+        return build_networks(value, key)
     origin = typing.get_origin(expected)
     if origin is typing.Literal:
         allowed = typing.get_args(expected)
@@ -183,6 +200,26 @@ def convert(expected, value: Any, key: str):
     raise ConfigError(f"config key {key!r} has an unsupported type {expected}")
 
 
+# A network's name starts metrics keys (`a.loss`) and TensorBoard tags (`train/a/loss`): a word, and none
+# of the other keys' first parts.
+NETWORK_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+RESERVED_NAMES = {"knn", "lr", "wd", "teacher_temperature", "teacher_momentum", "images_per_s", "seconds_per_step",
+                  "peak_memory_gib", "skipped_samples", "step", "grad", "perf", "sched", "train", "data"}
+
+
+def build_networks(value: Any, key: str) -> Networks:
+    if isinstance(value, Networks):
+        return value
+    if not isinstance(value, dict) or not value:
+        raise type_error(key, "a mapping from network names to their settings (at least one network)", value)
+    for name in value:
+        if not isinstance(name, str) or not NETWORK_NAME.match(name) or name in RESERVED_NAMES:
+            raise ConfigError(f"config key {key}.{name}: a network's name must be a word of letters, digits and "
+                              f"'_' starting with a letter, and none of {sorted(RESERVED_NAMES)}")
+    return Networks({name: build_dataclass(NetworkConfig, settings, f"{key}.{name}.")
+                     for name, settings in value.items()})
+
+
 def convert_tuple(item_types: tuple, value: Any, key: str) -> tuple:
     if not isinstance(value, (list, tuple)) or len(value) != len(item_types):
         raise type_error(key, f"a list of {len(item_types)} numbers", value)
@@ -216,8 +253,10 @@ def validate(config: Config, world_size: int | None = None) -> None:
     if train.knn_every and not data.val_shards:
         raise ConfigError("train.knn_every > 0 needs data.val_shards (and data.knn_train_shards or "
                           "data.train_shards) pointing at shards from mokd-shards")
-    for key in NETWORKS:
-        validate_network(getattr(config.networks, key), f"networks.{key}")
+    for name, net in config.networks.items():
+        validate_network(net, f"networks.{name}")
+        validate_schedule_owner(config, name)
+    validate_term_weights(config)
     if world_size is not None:
         validate_world_size(config, world_size)
 
@@ -230,6 +269,44 @@ def validate_network(net: NetworkConfig, key: str) -> None:
                           f"got {net.warmup_teacher_temperature_epochs}")
     if not net.deepspeed:
         raise ConfigError(f"{key}.deepspeed must name a DeepSpeed JSON (see ds_configs/)")
+
+
+def validate_schedule_owner(config: Config, name: str) -> None:
+    try:
+        search_head_schedule_owner(config, name)
+    except ValueError as error:
+        raise ConfigError(f"networks.{name}.search_head_schedule: {error}") from None
+
+
+def search_head_schedule_owner(config: Config, name: str) -> str:
+    """Whose lr and weight decay network `name`'s search head follows: its own, its partner's (a pair) or a
+    named network's."""
+    setting = config.networks[name].search_head_schedule
+    if setting == "own":
+        return name
+    others = [other for other in config.networks if other != name]
+    if setting == "partner":
+        if len(others) != 1:
+            raise ValueError(f"'partner' needs exactly one other network, the recipe has {others}: name the network "
+                             f"whose schedule the search head takes")
+        return others[0]
+    if setting not in config.networks:
+        raise ValueError(f"{setting!r} is neither own, partner nor a network of the recipe ({list(config.networks)})")
+    return setting
+
+
+def validate_term_weights(config: Config) -> None:
+    """Loss-term names are the registry's (mokd_scale/method/terms.py, imported only when weights are set)."""
+    weights = config.mokd.term_weights
+    if not weights:
+        return
+    from mokd_scale.method.terms import TERMS
+    for term, weight in weights.items():
+        if term not in TERMS:
+            raise ConfigError(f"mokd.term_weights.{term}: no such loss term; the terms are {list(TERMS)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"mokd.term_weights.{term} must be a number >= 0 (0 switches the term off), "
+                              f"got {weight!r}")
 
 
 def validate_world_size(config: Config, world_size: int) -> None:
@@ -260,7 +337,7 @@ def to_dict(config: Any) -> dict:
         return {YAML_NAMES.get(f.name, f.name): to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, tuple):
         return [to_dict(v) for v in config]
-    if isinstance(config, dict):
+    if isinstance(config, (dict, Networks)):
         return {k: to_dict(v) for k, v in config.items()}
     return config
 
@@ -291,6 +368,12 @@ def help_lines(section: Any, indent: str) -> list[str]:
             lines.append(f"{indent}{key}:  # {help_of(item)}")
             lines.extend(help_lines(value, indent + "  "))
             continue
+        if isinstance(value, Networks):
+            lines.append(f"{indent}{key}:  # {help_of(item)}")
+            for name, net in value.items():
+                lines.append(f"{indent}  {name}:  # network {name}")
+                lines.extend(help_lines(net, indent + "    "))
+            continue
         text = yaml.safe_dump(to_dict(value), default_flow_style=True, width=1 << 16).strip()
         text = text.removesuffix("\n...").strip()
         lines.append(f"{indent}{key}: {text}  # {help_of(item)}")
@@ -299,9 +382,7 @@ def help_lines(section: Any, indent: str) -> list[str]:
 
 def sections_help() -> str:
     """The recipe's sections and what each holds, for --help."""
-    lines = []
-    for item in dataclasses.fields(Config):
-        lines.append(f"  {item.name:<12} {help_of(item)}")
-        if item.name == "networks":
-            lines.extend(f"  {'networks.' + f.name:<12} {help_of(f)}" for f in dataclasses.fields(NetworksConfig))
+    lines = [f"  {item.name:<12} {help_of(item)}" for item in dataclasses.fields(Config)]
+    lines.append(f"  {'networks.X':<12} network X's architecture, optimizer, schedule and engine (the recipes "
+                 f"name theirs a, b)")
     return "\n".join(lines)

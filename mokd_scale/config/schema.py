@@ -6,21 +6,19 @@ allowed values, and config.convert() checks every such field with it.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# The two networks of a pair, and who learns from whom.
-NETWORKS = ("a", "b")
-PARTNER = {"a": "b", "b": "a"}
 
 
 def setting(default, help: str):
     """A field with its help text (a dict default gets a fresh copy per instance)."""
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata={"help": help})
-    if isinstance(default, type):
+    if isinstance(default, type) or callable(default):
         return field(default_factory=default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
@@ -79,7 +77,8 @@ class TrainConfig:
 class NetworkConfig:
     arch: str = setting("vit_small_patch16_224", "timm architecture (a ViT pooled by its class token, or a CNN)")
     arch_kwargs: dict = setting({}, "extra timm.create_model arguments, e.g. {output_stride: 16}")
-    lambda_cross: float = setting(1.0, "weight of the cross terms (YAML key: lambda); 1.0 for the weaker network")
+    lambda_cross: float = setting(1.0, "weight of the cross terms (YAML key: lambda), averaged over the partners; "
+                                       "1.0 for the weaker network")
     optimizer: Literal["adamw", "sgd", "lars"] = setting("adamw", "adamw for ViTs, sgd or lars for CNNs")
     lr: float = setting(5e-4, "peak lr per 256 images (scaled by global_batch_size / 256)")
     min_lr: float = setting(1e-6, "lr at the end of the cosine")
@@ -91,8 +90,9 @@ class NetworkConfig:
         "per_tensor", "per_tensor: each tensor's gradient norm, as the authors; global: one norm (DeepSpeed)")
     warmup_teacher_temperature_epochs: int = setting(
         30, "epochs over which this network's teacher temperature warms up")
-    search_head_schedule: Literal["own", "partner"] = setting(
-        "own", "partner: the search head takes the partner's lr and weight decay, as the authors' CNN")
+    search_head_schedule: str = setting(
+        "own", "own; partner: the search head takes the partner's lr and weight decay, as the authors' CNN "
+               "(a pair); or the name of the network whose schedules it takes")
     deepspeed: str = setting("ds_configs/zero2_bf16.json", "DeepSpeed JSON (ZeRO stage, buckets)")
     precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 on GPUs that have it, else fp32")
     grad_checkpointing: bool = setting(False, "recompute backbone activations in backward (less memory)")
@@ -102,16 +102,42 @@ class NetworkConfig:
     search_freeze_scale: bool = setting(False, "freeze the search head's weight-norm scale")
 
 
-@dataclass(frozen=True)
-class NetworksConfig:
-    a: NetworkConfig = setting(NetworkConfig, "network a (in the flagship the ViT)")
-    b: NetworkConfig = setting(NetworkConfig, "network b (in the flagship the CNN)")
+class Networks(Mapping):
+    """The recipe's networks by the names it gives them, in the recipe's order (the order they are built
+    in, step in and log in). A read-only mapping; `networks.a` reads as `networks["a"]`."""
+
+    def __init__(self, networks: dict[str, NetworkConfig]):
+        self._networks = dict(networks)
+
+    def __getitem__(self, name: str) -> NetworkConfig:
+        return self._networks[name]
+
+    def __iter__(self):
+        return iter(self._networks)
+
+    def __len__(self) -> int:
+        return len(self._networks)
+
+    def __getattr__(self, name: str) -> NetworkConfig:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._networks[name]
+        except KeyError:
+            raise AttributeError(f"no network {name!r}: the recipe has {list(self._networks)}") from None
+
+    def __repr__(self) -> str:
+        return f"Networks({self._networks!r})"
+
+
+def default_networks() -> Networks:
+    return Networks({"a": NetworkConfig(), "b": NetworkConfig()})
 
 
 @dataclass(frozen=True)
 class MokdConfig:
     mode: Literal["mokd", "independent"] = setting(
-        "mokd", "independent: each network alone with DINO (no search heads, no cross terms), the baseline")
+        "mokd", "independent: each network alone with DINO (no search heads, no cross or search terms), the baseline")
     out_dim: int = setting(65536, "K, prototypes of both heads")
     proj_hidden_dim: int = setting(2048, "projection head MLP width")
     proj_bottleneck_dim: int = setting(256, "projection head bottleneck before the last layer")
@@ -119,6 +145,8 @@ class MokdConfig:
     search_dim: int = setting(0, "search head width D shared by the pair (0: the ViT's width)")
     search_head_dim: int = setting(64, "channels per attention head of the search head")
     search_l2_normalize: bool = setting(False, "L2-normalise the pooled search feature before its last layer")
+    term_weights: dict = setting({}, "loss-term weights over the registry's defaults (mokd_scale/method/terms.py), "
+                                     "e.g. {koleo: 0.1}; a term with weight 0 is not computed")
     student_temperature: float = setting(0.1, "student softmax temperature")
     teacher_temperature: float = setting(0.07, "teacher temperature after the warm-up")
     warmup_teacher_temperature: float = setting(0.04, "teacher temperature at the start of the warm-up")
@@ -142,6 +170,7 @@ class Config:
     seed: int = setting(0, "initial weights and data order")
     data: DataConfig = setting(DataConfig, "images, shards and augmentation")
     train: TrainConfig = setting(TrainConfig, "batch, steps, schedule lengths, logging, checkpoints")
-    networks: NetworksConfig = setting(NetworksConfig, "the two networks, their optimizers and engines")
+    networks: Networks = setting(default_networks, "the networks by name (one: DINO; two: MOKD; more: a cohort), "
+                                                   "each with its optimizer and engine")
     mokd: MokdConfig = setting(MokdConfig, "the method: heads, temperatures, centres, teachers")
     eval: EvalConfig = setting(EvalConfig, "k-NN evaluation")

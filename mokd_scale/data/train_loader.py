@@ -160,6 +160,20 @@ class TrainLoader:
         return {"format": POSITION_FORMAT, "fingerprint": self.dataset.fingerprint(self.streams),
                 "next_stream": self.next_stream, "positions": dict(self.positions)}
 
+    def load_state_dict(self, position: dict | None) -> None:
+        """Continue from a state_dict() saved at the start step; before the first batch is drawn (the
+        workers receive the dataset then)."""
+        if position is None or not isinstance(self.dataset, ShardTrainStream):
+            return
+        self.dataset.continue_from(position, self.streams)
+        self.positions = dict(self.dataset.positions)
+        self.next_stream = self.dataset.first_stream
+
+    @property
+    def continued(self) -> bool:
+        """Whether the streams continue a saved position (False: fresh streams, or the synthetic source)."""
+        return bool(getattr(self.dataset, "continued", False))
+
 
 def end_with_the_rank(worker_id: int) -> None:
     """A killed rank's workers would live on for up to 5 s (PyTorch polls for the parent), holding the
@@ -171,10 +185,9 @@ def end_with_the_rank(worker_id: int) -> None:
             os._exit(1)
 
 
-def build_train_loader(config, rank: int, world_size: int, start_step: int = 0,
-                       position: dict | None = None) -> TrainLoader:
-    """This rank's micro-batches for the recipe `config` (data, train batch sizes, seed); position: a
-    TrainLoader.state_dict() saved at start_step, to continue exactly from."""
+def build_train_loader(config, rank: int, world_size: int, start_step: int = 0) -> TrainLoader:
+    """This rank's micro-batches for the recipe `config` (data, train batch sizes, seed), from start_step;
+    TrainLoader.load_state_dict continues a saved position."""
     data_cfg, micro_batch_size, seed = config.data, config.train.micro_batch_size, config.seed
     accumulation = gradient_accumulation_steps(config, world_size)
     epoch_steps = steps_per_epoch(config)
@@ -191,8 +204,6 @@ def build_train_loader(config, rank: int, world_size: int, start_step: int = 0,
                         len(shards.urls), world_size, max(1, workers))
         dataset = ShardTrainStream(shards.urls, data_cfg, micro_batch_size, rank, seed, start_step,
                                    first_epoch, epoch_steps * accumulation)
-        if position is not None:
-            dataset.continue_from(position, max(1, workers))
     else:
         raise ValueError(f"data.source={data_cfg.source!r}: expected 'shards' or 'synthetic'")
     return TrainLoader(dataset, workers, epoch_steps, accumulation)

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from mokd_scale.config import NETWORKS, Config, ConfigError
+from mokd_scale.config import Config, ConfigError
 from mokd_scale.models.backbone import create_timm_model, is_vit_arch, token_grid
 from mokd_scale.models.network import build_network, pair_search_dim
 from timm.models import is_model
 
 
 def check_networks(config: Config) -> None:
-    for name in NETWORKS:
+    for name in config.networks:
         check_backbone(config, name)
+    check_term_weights(config)
     search_dim = checked_search_dim(config)
-    for name in NETWORKS:
+    for name in config.networks:
         try:
             with torch.device("meta"):
                 build_network(config, name, search_dim=search_dim)
@@ -28,8 +29,16 @@ def check_networks(config: Config) -> None:
             raise ConfigError(f"networks.{name} cannot be built with this recipe: {first_line(error)}") from None
 
 
+def check_term_weights(config: Config) -> None:
+    """A term that is on needs what it reads: KoLeo, the micro-batch's nearest neighbours (2 samples or more)."""
+    from mokd_scale.method.objective import term_weights
+    if "koleo" in term_weights(config) and config.train.micro_batch_size < 2:
+        raise ConfigError("mokd.term_weights.koleo > 0 needs train.micro_batch_size >= 2 (KoLeo compares the "
+                          "samples of a micro-batch)")
+
+
 def check_backbone(config: Config, name: str) -> None:
-    net, key = getattr(config.networks, name), f"networks.{name}"
+    net, key = config.networks[name], f"networks.{name}"
     if not is_model(net.arch):
         raise ConfigError(f"{key}.arch: unknown timm architecture {net.arch!r}; use a name from "
                           f"timm.list_models(), e.g. vit_small_patch16_224 or resnet50")

@@ -1,6 +1,7 @@
 """One MOKD network: backbone + projection head + search head (student or EMA teacher).
 
-In `independent` mode (plain DINO, the paper's baseline) a network has no search head.
+A network has a search head only where a loss term uses it (method/objective.py: none for a network
+alone or in `independent` mode, plain DINO).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from mokd_scale.method.objective import uses_search_heads
 from mokd_scale.models.backbone import Backbone, create_timm_model, is_vit_arch, token_grid
 from mokd_scale.models.last_layer import LAST_LAYER_PARAMETERS
 from mokd_scale.models.projection_head import ProjectionHead
@@ -23,6 +25,7 @@ class NetworkOutput(NamedTuple):
     search: torch.Tensor | None  # (B, K) search-head logits without a query
     summary: torch.Tensor | None  # (B, D) detached query for the partner
     search_tokens: torch.Tensor | None  # (B, N, D) search-head input (projected + position), for cross-search
+    pooled: torch.Tensor  # (B, pooled dim) the backbone's pooled feature (KoLeo reads it)
 
 
 class MokdNetwork(nn.Module):
@@ -36,12 +39,12 @@ class MokdNetwork(nn.Module):
         features = self.backbone(images)
         proj = self.projection_head(features.pooled)
         if self.search_head is None:
-            return NetworkOutput(proj, None, None, None)
+            return NetworkOutput(proj, None, None, None, features.pooled)
         projected = self.search_head.project(features.tokens)
         search_tokens = projected + self.search_head.position_embedding(features.grid)
         return NetworkOutput(proj=proj, search=self.search_head(search_tokens),
                              summary=self.search_head.summary(features.pooled, projected),
-                             search_tokens=search_tokens)
+                             search_tokens=search_tokens, pooled=features.pooled)
 
     def head_names(self) -> tuple[str, ...]:
         return ("projection_head",) if self.search_head is None else ("projection_head", "search_head")
@@ -61,22 +64,23 @@ class MokdNetwork(nn.Module):
 
 
 def build_network(config, name: str, teacher: bool = False, search_dim: int | None = None) -> MokdNetwork:
-    """Network `name` ("a" or "b") of a recipe, randomly initialised. `search_dim` saves working out
-    the pair's search width again when the caller has it.
+    """Network `name` of a recipe, randomly initialised. `search_dim` saves working out the cohort's
+    search width again when the caller has it.
 
     A teacher never drops paths (stochastic depth would make its targets and centres random)
     and needs no gradient checkpointing; its parameters are the student's, in the same order."""
-    net_cfg, mokd_cfg = getattr(config.networks, name), config.mokd
+    net_cfg, mokd_cfg = config.networks[name], config.mokd
     if teacher:
         net_cfg = dataclasses.replace(net_cfg, drop_path_rate=0.0, grad_checkpointing=False)
-    if search_dim is None and mokd_cfg.mode == "mokd":
+    with_search_head = uses_search_heads(config)
+    if search_dim is None and with_search_head:
         search_dim = pair_search_dim(config)
     backbone = Backbone(net_cfg.arch, net_cfg.arch_kwargs, net_cfg.drop_path_rate, net_cfg.grad_checkpointing)
     projection_head = ProjectionHead(
         backbone.pooled_dim, mokd_cfg.proj_hidden_dim, mokd_cfg.proj_bottleneck_dim, mokd_cfg.out_dim,
         use_bn=net_cfg.proj_batchnorm, freeze_scale=net_cfg.proj_freeze_scale)
     search_head = None
-    if mokd_cfg.mode == "mokd":
+    if with_search_head:
         search_head = SearchHead(
             backbone.token_dim, search_dim, mokd_cfg.search_depth, search_heads(search_dim, mokd_cfg),
             mokd_cfg.out_dim, base_grid=token_grid(net_cfg.arch, net_cfg.arch_kwargs, config.data.global_crop_size),
@@ -93,19 +97,19 @@ def search_heads(search_dim: int, mokd_cfg) -> int:
 
 
 def pair_search_dim(cfg) -> int:
-    """The search heads' shared width D: mokd.search_dim, or else the ViT's embed dim of the pair
-    (0 in independent mode, which has no search heads)."""
-    if cfg.mokd.mode == "independent":
+    """The search heads' shared width D (every network queries every other's head): mokd.search_dim, or
+    else the width of the recipe's ViTs (0 without search heads: one network, or independent mode)."""
+    if not uses_search_heads(cfg):
         return 0
     if cfg.mokd.search_dim > 0:
         return cfg.mokd.search_dim
-    widths = {vit_width(net) for net in (cfg.networks.a, cfg.networks.b) if is_vit_arch(net.arch)}
+    widths = {vit_width(net) for net in cfg.networks.values() if is_vit_arch(net.arch)}
     if not widths:
-        raise ValueError("both networks are CNNs: set mokd.search_dim (e.g. 768) to give their search "
-                         "heads a shared width")
+        raise ValueError("no network is a ViT: set mokd.search_dim (e.g. 768) to give the search heads a "
+                         "shared width")
     if len(widths) > 1:
-        raise ValueError(f"the two ViTs have different widths {sorted(widths)}: set mokd.search_dim to the "
-                         f"width both search heads share (e.g. --set mokd.search_dim={max(widths)})")
+        raise ValueError(f"the ViTs have different widths {sorted(widths)}: set mokd.search_dim to the "
+                         f"width every search head shares (e.g. --set mokd.search_dim={max(widths)})")
     return widths.pop()
 
 

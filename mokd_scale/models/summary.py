@@ -12,7 +12,6 @@ import argparse
 import torch
 from torch import nn
 
-from mokd_scale.config import NETWORKS
 from mokd_scale.models.network import MokdNetwork, build_network, pair_search_dim
 
 PARTS = ("backbone", "projection_head", "search_head")
@@ -32,10 +31,10 @@ def parameter_counts(network: MokdNetwork) -> dict[str, int]:
 
 def recipe_counts(cfg) -> dict[str, dict[str, int]]:
     counts = {}
-    for name in NETWORKS:
+    for name, net in cfg.networks.items():
         with torch.device("meta"):
             network = build_network(cfg, name)
-        counts[f"{name}: {getattr(cfg.networks, name).arch}"] = parameter_counts(network)
+        counts[f"{name}: {net.arch}"] = parameter_counts(network)
     return counts
 
 

@@ -3,7 +3,7 @@
     MOKD_FAULTS="nan@3:1,crash@5"      comma-separated KIND@STEP or KIND@STEP:RANK (no rank: every rank)
 
 KIND            what happens at STEP (0-based: the step being trained, or the step a checkpoint is saved at)
-nan             network a's loss becomes NaN
+nan             the first network's loss becomes NaN
 crash           the rank raises InjectedFault as the step starts (a bug, an out-of-memory error)
 kill_in_save    the rank kills itself (SIGKILL) between the two engines' saves of the checkpoint
 save_error      every checkpoint file the rank writes fails with ENOSPC (no space left on the device)
@@ -53,8 +53,9 @@ def armed(kind: str, step: int) -> bool:
     return any(k == kind and s == step and r in (None, dist.rank()) for k, s, r in parse(text))
 
 
-def poison_loss(step: int, network: str, loss: torch.Tensor) -> torch.Tensor:
-    if network == "a" and armed("nan", step):
+def poison_loss(step: int, network_index: int, loss: torch.Tensor) -> torch.Tensor:
+    """The `nan` fault strikes the recipe's first network."""
+    if network_index == 0 and armed("nan", step):
         return loss * float("nan")
     return loss
 

@@ -1,11 +1,13 @@
-"""Save / verify / resume / prune / read. A checkpoint is whole or absent (docs/design.md, invariant 6).
+"""The files of a checkpoint: save, verify, choose what to resume, prune, read. A checkpoint is whole or
+absent (docs/design.md, invariant 6). What goes into the files is the run's registry of parts
+(train/state.py): this module writes and checks files, whatever the parts are.
 
 Layout of OUTPUT/checkpoints/:
     latest                       the newest complete tag; written last, by atomic rename
-    step_00001234/a/             network a's DeepSpeed engine (tag folder "a")
-    step_00001234/b/             network b's engine (own folder: two engines must not share one)
-    step_00001234/mokd_state.pt  teachers (fp32), centres, step, world size, resolved config
-    step_00001234/rank{r}.pt     rank r's RNG states and data-stream position
+    step_00001234/a/             network a's DeepSpeed engine (an ENGINE part: its own folder, since two
+    step_00001234/b/             engines must not share one)
+    step_00001234/mokd_state.pt  the SHARED parts (teachers.X fp32, centers.X, step), world size, resolved config
+    step_00001234/rank{r}.pt     rank r's RANK parts (RNG states, data-stream position)
     step_00001234/manifest.json  every file above with its size; checksums of MOKD's own files
 A crash anywhere before `latest` is replaced leaves the previous checkpoint in charge. Resume checks a
 tag against its manifest before trusting it, and falls back to the newest intact earlier tag.
@@ -14,21 +16,20 @@ Trust: DeepSpeed reads its engine files with torch.load(weights_only=False), whi
 a crafted file carries; resume only checkpoints you (or your jobs) wrote. MOKD's own files load with
 weights_only=True.
 
-This module is the only reader of checkpoints: training resumes through choose_resume/restore, tools
-read through find_tag, read_state, teacher_weights and student_weights.
+This module is the only reader of checkpoint files: training resumes through choose_resume and
+load_state (then RunState.load), tools read through find_tag, read_state, teacher_weights and
+student_weights.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from mokd_scale.runtime import dist
@@ -86,9 +87,9 @@ def tags_in(checkpoint_dir: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------- save
-def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state: dict, keep_last: int,
-                    rank_state: dict | None = None) -> str:
-    """Collective: every rank calls it at the same step. Returns the tag.
+def save_checkpoint(checkpoint_dir: Path, step: int, state, meta: dict, keep_last: int) -> str:
+    """Collective: every rank calls it at the same step, with the run's RunState (train/state.py) and
+    `meta` for mokd_state.pt beside the parts (the resolved config). Returns the tag.
 
     Every rank writes its files and reports the outcome; rank 0 then writes the manifest and moves
     `latest`, and the ranks leave together, so a rank that exits right after this returns never cuts
@@ -98,12 +99,13 @@ def save_checkpoint(checkpoint_dir: Path, step: int, learners: dict, extra_state
     tag_dir = checkpoint_dir / tag
     clear_interrupted_save(checkpoint_dir, tag)
     errors: list[str] = []
-    for learner in learners.values():
-        with write_errors_recorded(learner.engine, step, errors):
-            learner.save_engine(tag_dir)
+    for part in state.of_scope("engine"):
+        with write_errors_recorded(part.obj.learner.engine, step, errors):
+            part.obj.save(tag_dir)
         faults.between_engine_saves(step)
     faults.before_rank_files(step)
-    digests = write_own_files(tag_dir, step, learners, extra_state, rank_state, errors)
+    shared = {**meta, "world_size": dist.world_size(), **state.shared_state()} if dist.rank() == 0 else None
+    digests = write_own_files(tag_dir, step, shared, state.rank_state(), errors)
     reports = dist.all_gather_object((first_of(errors), manifest.list_files(tag_dir), digests))  # all written
     errors = [error for report in reports for error in report[0]]
     if not errors and dist.rank() == 0:
@@ -168,12 +170,12 @@ def write_error(path, error: Exception) -> str:
     return f"rank {dist.rank()}: writing {path} failed: {type(error).__name__}: {error}"
 
 
-def write_own_files(tag_dir: Path, step: int, learners: dict, extra_state: dict, rank_state: dict | None,
+def write_own_files(tag_dir: Path, step: int, shared: dict | None, rank_state: dict,
                     errors: list[str]) -> dict[str, str]:
-    """This rank's RNG and data position, and on rank 0 the MOKD state. Returns name -> sha256."""
-    files = {rank_file_name(dist.rank()): {"rng": rng_state(), "data": rank_state}}
-    if dist.rank() == 0:
-        files[STATE_FILE] = {**extra_state, "step": step, "world_size": dist.world_size(), **compose(learners)}
+    """This rank's file, and on rank 0 the shared state. Returns name -> sha256."""
+    files = {rank_file_name(dist.rank()): rank_state}
+    if shared is not None:
+        files[STATE_FILE] = shared
     digests = {}
     for name, obj in files.items():
         try:
@@ -183,13 +185,6 @@ def write_own_files(tag_dir: Path, step: int, learners: dict, extra_state: dict,
         except Exception as error:  # noqa: BLE001 - as above
             errors.append(write_error(tag_dir / name, error))
     return digests
-
-
-def compose(learners: dict) -> dict:
-    """The learners' own states, grouped by kind (the layout tools read)."""
-    states = {name: learner.state_dict() for name, learner in learners.items()}
-    return {"teachers": {name: state["teacher"] for name, state in states.items()},
-            "centers": {name: state["centers"] for name, state in states.items()}}
 
 
 def commit(checkpoint_dir: Path, tag: str, step: int, reports: list, keep_last: int) -> list[str]:
@@ -231,25 +226,6 @@ def prune(checkpoint_dir: Path, keep_last: int) -> None:
         # A partial tag older than the newest complete one is a crashed save: safe to remove.
         if tag not in keep and (tag in complete or tag < newest_complete):
             shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
-
-
-def rng_state() -> dict:
-    """Every generator this process draws from, in types torch.load(weights_only=True) accepts."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------- resume
@@ -319,28 +295,13 @@ def load_state(tag_dir: Path) -> dict:
 ENGINE, UNIVERSAL, WEIGHTS_ONLY = "engine", "universal", "weights_only"
 
 
-def resume_plan(state: dict, zero_stage: int, optimizer: str) -> str:
+def resume_plan(saved_world_size: int | None, zero_stage: int, optimizer: str) -> str:
     """How to load one engine. ZeRO optimizer state is partitioned by the saving world size:
     another size loads DeepSpeed's universal copy (Adam-family only) or fp32 weights alone."""
-    if zero_stage == 0 or state.get("world_size") == dist.world_size():
+    if zero_stage == 0 or saved_world_size == dist.world_size():
         return ENGINE
     return UNIVERSAL if optimizer == "adamw" else WEIGHTS_ONLY
 
-
-def restore(tag_dir: Path, learners: dict, state: dict, plans: dict[str, str]) -> dict | None:
-    """Load engines (per plan), teachers and centres, and at the same world size this rank's RNG.
-    Returns this rank's data-stream position, or None where it does not apply (another world size)."""
-    for name, learner in learners.items():
-        plan = plans.get(name, ENGINE)
-        if plan != WEIGHTS_ONLY:  # weights-only students were loaded before deepspeed.initialize
-            learner.load_engine(tag_dir, universal_dir_name(name) if plan == UNIVERSAL else None)
-        learner.load_state_dict({"teacher": state["teachers"][name], "centers": state["centers"][name]})
-    rank_file = Path(tag_dir) / rank_file_name(dist.rank())
-    if state.get("world_size") != dist.world_size() or not rank_file.is_file():
-        return None
-    saved = torch.load(rank_file, map_location="cpu", weights_only=True)
-    restore_rng(saved["rng"])
-    return saved.get("data")
 
 def universal_dir_name(name: str) -> str:
     return f"{name}_universal"

@@ -1,7 +1,7 @@
 """The training run behind mokd-train: one Trainer per rank, from resume to the last checkpoint.
 
-The command line, the exit codes and the exit protocol are in mokd_scale/train/cli.py; this module holds
-what needs torch, DeepSpeed and timm, so that `mokd-train --help` answers without loading them.
+The command line and the exit protocol are in train/cli.py; this module holds what needs torch,
+DeepSpeed and timm, so that `mokd-train --help` answers without loading them.
 """
 from __future__ import annotations
 
@@ -16,16 +16,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mokd_scale.train import checkpoint
-from mokd_scale.runtime import dist
-from mokd_scale.runtime import faults
-from mokd_scale.config import NETWORKS, Config, to_dict, write_config
-from mokd_scale.train.step import Coordinator, NonFiniteLoss
-from mokd_scale.engine.learner import Learner, zero_stage_of
-from mokd_scale.train.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
+from mokd_scale.config import Config, to_dict, write_config
+from mokd_scale.engine.learner import Learner
+from mokd_scale.method.objective import Objective
 from mokd_scale.models import pair_search_dim
-from mokd_scale.train.schedules import Schedules
+from mokd_scale.runtime import dist, faults
 from mokd_scale.runtime.exit_codes import EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_RESUME, EXIT_SAVE_FAILED
+from mokd_scale.train import checkpoint
+from mokd_scale.train.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
+from mokd_scale.train.schedules import Schedules
+from mokd_scale.train.state import Progress, run_state
+from mokd_scale.train.step import NonFiniteLoss, Step
+
 
 def train(config: Config, info: dist.DistInfo, resume: str) -> int:
     try:
@@ -49,23 +51,39 @@ class PreemptionFlag:
         self.raised = True
 
 
+def build_learners(config: Config, info: dist.DistInfo) -> dict[str, Learner]:
+    """Every network's Learner, in the recipe's order, with identical initial weights on every rank (the
+    teachers are copied before DeepSpeed broadcasts)."""
+    torch.manual_seed(config.seed)
+    search_dim = pair_search_dim(config)
+    return {name: Learner(name, config, search_dim, info.device, info.world_size) for name in config.networks}
+
+
 class Trainer:
     def __init__(self, config: Config, info: dist.DistInfo, resume: str):
-        self.config = config
-        self.info = info
+        from mokd_scale.data import build_train_loader
+        self.config, self.info = config, info
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.log(f"mokd-train rank {info.rank}/{info.world_size} ready on {info.device} "
                  f"(host {socket.gethostname()}, pid {os.getpid()})", all_ranks=True)
-        self.resume_dir = self.choose_resume(resume)
+        resume_dir = self.choose_resume(resume)
+        saved = checkpoint.load_state(resume_dir) if resume_dir else None
+        self.progress = Progress(int(saved["step"]) if saved is not None else 0)
+        self.learners = build_learners(config, info)
+        seed_everything(config.seed * 1000 + info.rank + self.progress.step)  # replaced by a checkpoint's RNG
+        self.loader = build_train_loader(config, info.rank, info.world_size, self.progress.step)
+        self.state = run_state(self.learners, self.loader, self.progress)
+        if saved is not None:
+            notes = self.state.load(resume_dir, saved)
+            self.log(f"resumed from {resume_dir.name} (step {self.progress.step}, saved by "
+                     f"{saved.get('world_size')} ranks, now {info.world_size})" + "".join(f"; {n}" for n in notes))
         self.schedules = Schedules.build(config)
-        self.start_step = 0
-        self.data_position = None  # this rank's data-stream position saved in the checkpoint
-        self.loader = None
-        self.learners = self.build_learners()
-        self.coordinator = Coordinator(config, self.learners, self.schedules, info.device)
+        self.objective = Objective(config)
+        self.step = Step(self.learners, self.objective, self.schedules, config)
         self.preemption = PreemptionFlag()
-        self.writer = MetricsWriter(self.output_dir, enabled=info.is_main)
+        self.networks = tuple(config.networks)
+        self.writer = MetricsWriter(self.output_dir, enabled=info.is_main, networks=self.networks)
 
     def log(self, message: str, all_ranks: bool = False) -> None:
         if all_ranks or self.info.is_main:
@@ -91,51 +109,14 @@ class Trainer:
             checkpoint.write_latest(self.checkpoint_dir, tag_dir.name)
         return tag_dir
 
-    def build_learners(self) -> dict[str, Learner]:
-        state = checkpoint.load_state(self.resume_dir) if self.resume_dir else None
-        plans = self.resume_plans(state) if state is not None else {}
-        # Identical initial weights on every rank: the teachers are copied before DeepSpeed broadcasts.
-        torch.manual_seed(self.config.seed)
-        search_dim = pair_search_dim(self.config)
-        learners = {}
-        for name in NETWORKS:
-            plan = plans.get(name)
-            weights = checkpoint.student_weights(self.resume_dir, name) if plan == checkpoint.WEIGHTS_ONLY else None
-            learners[name] = Learner(name, self.config, search_dim, self.info.device, self.info.world_size,
-                                     load_universal=plan == checkpoint.UNIVERSAL, initial_weights=weights)
-        self.start_step = int(state["step"]) if state is not None else 0
-        # Replaced by the saved generators where they apply (same world size).
-        seed_everything(self.config.seed * 1000 + self.info.rank + self.start_step)
-        if state is not None:
-            self.data_position = checkpoint.restore(self.resume_dir, learners, state, plans)
-            self.log(f"resumed from {self.resume_dir.name} (step {self.start_step}, saved by "
-                     f"{state.get('world_size')} ranks, now {self.info.world_size})")
-        return learners
-
-    def resume_plans(self, state: dict) -> dict[str, str]:
-        plans = {}
-        for name in NETWORKS:
-            net = getattr(self.config.networks, name)
-            plans[name] = checkpoint.resume_plan(state, zero_stage_of(net), net.optimizer)
-            if plans[name] == checkpoint.UNIVERSAL:
-                self.log(f"network {name}: saved by {state.get('world_size')} ranks, resuming on "
-                         f"{self.info.world_size}: converting to a DeepSpeed universal checkpoint")
-                checkpoint.convert_to_universal(self.resume_dir, name)
-            elif plans[name] == checkpoint.WEIGHTS_ONLY:
-                self.log(f"WARNING network {name}: {net.optimizer} state sharded over {state.get('world_size')} "
-                         f"ranks cannot be re-sharded onto {self.info.world_size} (DeepSpeed's universal format "
-                         f"is Adam-only): fp32 weights restored, {net.optimizer} momentum restarts from zero")
-        return plans
-
     def run(self) -> int:
         if self.info.is_main:
             write_config(self.config, self.output_dir / "config.yaml")
         train = self.config.train
-        end = train.steps
-        if train.stop_after_steps > 0:
-            end = min(end, self.start_step + train.stop_after_steps)
+        start = self.progress.step
+        end = min(train.steps, start + train.stop_after_steps) if train.stop_after_steps > 0 else train.steps
         try:
-            code = self.loop(self.start_step, end)
+            code = self.loop(start, end)
         except NonFiniteLoss as error:
             code = self.stop_on_non_finite(error)
         except checkpoint.CheckpointWriteFailed as error:
@@ -143,7 +124,7 @@ class Trainer:
             code = EXIT_SAVE_FAILED
         finally:
             self.writer.close()
-        dist.barrier()  # the ranks leave together (module docstring)
+        dist.barrier()  # the ranks leave together (train/cli.py: the exit protocol)
         return code
 
     def stop_on_non_finite(self, error: NonFiniteLoss) -> int:
@@ -157,19 +138,18 @@ class Trainer:
         return EXIT_NON_FINITE
 
     def loop(self, start: int, end: int) -> int:
-        from mokd_scale.data import build_train_loader
         train = self.config.train
-        self.loader = build_train_loader(self.config, self.info.rank, self.info.world_size, start, self.data_position)
         batches, accumulation = iter(self.loader), self.loader.micro_batches_per_step
-        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device, self.coordinator.term_names)
+        meter = StepAccumulator(self.config.mokd.out_dim, self.info.device, self.objective.term_names, self.networks)
         self.log(f"training steps {start}..{end} of {train.steps}; {accumulation} micro-batch(es) of "
                  f"{train.micro_batch_size} per rank per step; data {self.data_resume_note()}")
         step = start
         while step < end:
             faults.step_starts(step)
             micro_batches = [next(batches) for _ in range(accumulation)]
-            meter.add(self.coordinator.train_step(step, micro_batches))
+            meter.add(self.step(step, micro_batches))
             step += 1
+            self.progress.step = step
             if step % train.log_every == 0 or step == end:
                 self.log_metrics(step, meter)
             if train.knn_every and (step % train.knn_every == 0 or step == train.steps):
@@ -187,21 +167,22 @@ class Trainer:
     def data_resume_note(self) -> str:
         if self.config.data.source == "synthetic":
             return "synthetic (a function of the step)"
-        if getattr(self.loader.dataset, "continued", False):
+        if self.loader.continued:
             return "continues the saved stream positions"
-        return "starts fresh streams" + (" (no usable saved position)" if self.start_step else "")
+        return "starts fresh streams" + (" (no usable saved position)" if self.progress.step else "")
 
     def log_metrics(self, step: int, meter: StepAccumulator) -> None:
         values = meter.reduce()
-        values.update(self.schedules.at(step - 1))
+        values.update(self.schedules.at(step - 1).log_items())
         values["peak_memory_gib"] = peak_memory_gib(self.info.device)
         remaining = self.config.train.steps - step
-        self.log(console_line(step, self.config.train.steps, values, remaining * values["seconds_per_step"]))
+        self.log(console_line(step, self.config.train.steps, values, remaining * values["seconds_per_step"],
+                              self.networks))
         self.writer.write(step, values)
         meter.reset()
 
     def evaluate_knn(self, step: int) -> None:
-        """k-NN of both teachers' backbones on the val shards; a collective on every rank."""
+        """k-NN of every teacher's backbone on the val shards; a collective on every rank."""
         from mokd_scale.eval.knn import evaluate_knn
         started = time.monotonic()
         teachers = {name: learner.teacher for name, learner in self.learners.items()}
@@ -213,9 +194,8 @@ class Trainer:
 
     def save(self, step: int) -> None:
         started = time.monotonic()
-        extra = {"config": to_dict(self.config), "data": {"step": step}}
-        tag = checkpoint.save_checkpoint(self.checkpoint_dir, step, self.learners, extra, self.config.train.keep_last,
-                                         self.loader.state_dict() if self.loader else None)
+        tag = checkpoint.save_checkpoint(self.checkpoint_dir, step, self.state, {"config": to_dict(self.config)},
+                                         self.config.train.keep_last)
         self.log(f"checkpoint {tag} saved in {time.monotonic() - started:.1f} s")
 
     def diagnostic_dir(self, step: int) -> Path:
@@ -223,8 +203,9 @@ class Trainer:
 
     def save_diagnostic(self, step: int) -> None:
         """Weights as they were when the loss went bad, outside checkpoints/ so resume never picks them."""
-        extra = {"config": to_dict(self.config), "data": {"step": step}, "diagnostic": True}
-        checkpoint.save_checkpoint(self.diagnostic_dir(step), step, self.learners, extra, keep_last=1)
+        self.progress.step = step
+        checkpoint.save_checkpoint(self.diagnostic_dir(step), step, self.state,
+                                   {"config": to_dict(self.config), "diagnostic": True}, keep_last=1)
 
 
 def seed_everything(seed: int) -> None:

@@ -4,7 +4,12 @@ Per-step sums are reduced across ranks only at log steps (one all-reduce), so th
 losses are global-batch means whatever the number of ranks.
 
 metrics.jsonl keeps flat keys (`a.loss`, `knn.b.top1`, `lr.a`, `images_per_s`); TensorBoard groups the
-same values by kind (tensorboard_tag): train/a/loss, knn/b/top1, sched/lr_a, perf/images_per_s.
+same values by kind (tensorboard_tag): train/a/loss, knn/b/top1, sched/lr_a, perf/images_per_s. The
+loss-term keys (`a.self_proj`, ...) and the console's abbreviations come from the term registry
+(mokd_scale/method/terms.py).
+
+The step (train/step.py) hands each micro-batch's terms and teacher targets to a StepRecord; the
+collapse diagnostics and every sum are computed here.
 """
 from __future__ import annotations
 
@@ -17,20 +22,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from mokd_scale.method.terms import TERMS
 from mokd_scale.runtime import dist
-from mokd_scale.config import NETWORKS
+from mokd_scale.runtime.profiling import phase
 
-if TYPE_CHECKING:  # the trainer's modules (DeepSpeed) stay out of light importers such as mokd-bench science
-    from mokd_scale.train.step import StepStats
+if TYPE_CHECKING:
+    from mokd_scale.method.centers import Centers
+    from mokd_scale.method.forward import TeacherOutputs
+    from mokd_scale.method.objective import TermValues
 
 SCHEDULED = ("lr", "wd", "teacher_momentum", "teacher_temperature")
 PERFORMANCE = ("images_per_s", "seconds_per_step", "peak_memory_gib")
 
 
-def tensorboard_tag(key: str) -> str:
-    """metrics.jsonl key -> grouped TensorBoard tag (README, "Metrics", has the table)."""
+def tensorboard_tag(key: str, networks) -> str:
+    """metrics.jsonl key -> grouped TensorBoard tag (README, "Metrics", has the table); `networks`: the
+    run's network names."""
     parts = key.split(".")
-    if parts[0] in NETWORKS:
+    if parts[0] in networks:
         return "/".join(["train", *parts])  # a.self_proj -> train/a/self_proj
     if parts[0] == "knn":
         return "/".join(parts)  # knn.a.top1 -> knn/a/top1
@@ -43,51 +52,99 @@ def tensorboard_tag(key: str) -> str:
     return "/".join(parts)
 
 
-class StepAccumulator:
-    """Sums StepStats between two log lines on this rank."""
+class StepRecord:
+    """What one optimizer step leaves for the log, on this rank. Sums stay on the device: reading them
+    every micro-batch would stall the host on the GPU; they are reduced across ranks and read only when a
+    line is logged."""
 
-    def __init__(self, out_dim: int, device: torch.device, term_names: tuple[str, ...]):
+    def __init__(self, term_names: tuple[str, ...]):
+        self.term_names = (*term_names, "loss")
+        self.terms: dict[str, torch.Tensor] = {}  # network -> (len(term_names),) sums
+        self.teacher_entropy: dict[str, torch.Tensor] = {}  # network -> scalar sum
+        self.teacher_mean_probs: dict[str, torch.Tensor] = {}  # network -> (K,) sum
+        self.grad_norm: dict[str, float] = {}  # network -> global norm before clipping
+        self.micro_batches = self.images = self.skipped = 0
+
+    def add_terms(self, name: str, terms: TermValues) -> None:
+        values = [terms.values[term] for term in self.term_names[:-1]] + [terms.total]
+        add_to(self.terms, name, torch.stack([value.detach().float() for value in values]))
+
+    @torch.no_grad()
+    def add_targets(self, name: str, targets: TeacherOutputs, centers: Centers, temperature: float) -> None:
+        """Collapse diagnostics: the teacher's target entropy (-> 0: one-hot collapse) and its batch-mean
+        target (-> uniform: uniform collapse)."""
+        with phase("metrics"):
+            proj = targets.proj.reshape(-1, targets.proj.shape[-1])
+            probs = torch.softmax((proj - centers.proj) / temperature, dim=-1)
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(dim=-1)
+            add_to(self.teacher_entropy, name, entropy.sum())
+            add_to(self.teacher_mean_probs, name, probs.sum(dim=0))
+
+    def add_batch(self, images: int, skipped: int) -> None:
+        self.micro_batches += 1
+        self.images += images
+        self.skipped += skipped
+
+    def term(self, network: str, term: str) -> float:
+        return float(self.terms[network][self.term_names.index(term)])
+
+    def first_non_finite_term(self, network: str) -> str:
+        """The term that went bad on this rank, to name it when the run stops."""
+        local = self.terms[network].tolist()
+        bad = [term for term, value in zip(self.term_names, local) if not math.isfinite(value)]
+        return bad[0] if bad else "gradient (loss finite on this rank)"
+
+
+def add_to(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = value if key not in sums else sums[key] + value
+
+
+class StepAccumulator:
+    """Sums StepRecords between two log lines on this rank."""
+
+    def __init__(self, out_dim: int, device: torch.device, term_names: tuple[str, ...], networks: tuple[str, ...]):
         self.out_dim = out_dim
         self.device = device
-        self.term_names = term_names
+        self.term_names = (*term_names, "loss")
+        self.networks = tuple(networks)
         self.reset()
 
     def reset(self) -> None:
         zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.terms = {n: zeros(len(self.term_names)) for n in NETWORKS}
-        self.entropy = {n: zeros(1) for n in NETWORKS}
-        self.mean_probs = {n: zeros(self.out_dim) for n in NETWORKS}
-        self.grad_norm = {n: 0.0 for n in NETWORKS}
+        self.terms = {n: zeros(len(self.term_names)) for n in self.networks}
+        self.entropy = {n: zeros(1) for n in self.networks}
+        self.mean_probs = {n: zeros(self.out_dim) for n in self.networks}
+        self.grad_norm = {n: 0.0 for n in self.networks}
         self.micro_batches = self.images = self.skipped = self.steps = 0
         self.started = time.monotonic()
 
-    def add(self, stats: StepStats) -> None:
+    def add(self, record: StepRecord) -> None:
         """Device-side sums: no host synchronisation per step."""
-        for name in stats.terms:
-            self.terms[name] += stats.terms[name].double()
-            self.entropy[name] += stats.teacher_entropy[name].double()
-            self.mean_probs[name] += stats.teacher_mean_probs[name].double()
-            self.grad_norm[name] += stats.grad_norm.get(name, 0.0)
-        self.micro_batches += stats.micro_batches
-        self.images += stats.images
-        self.skipped += stats.skipped
+        for name in record.terms:
+            self.terms[name] += record.terms[name].double()
+            self.entropy[name] += record.teacher_entropy[name].double()
+            self.mean_probs[name] += record.teacher_mean_probs[name].double()
+            self.grad_norm[name] += record.grad_norm.get(name, 0.0)
+        self.micro_batches += record.micro_batches
+        self.images += record.images
+        self.skipped += record.skipped
         self.steps += 1
 
     def reduce(self) -> dict[str, float]:
         """Global means over all ranks and steps since the last reset. A collective."""
-        terms_count = len(self.term_names)
+        n, terms_count = len(self.networks), len(self.term_names)
         counts = torch.tensor([self.micro_batches, self.images, self.skipped], dtype=torch.float64, device=self.device)
-        packed = torch.cat([*(self.terms[n] for n in NETWORKS), *(self.entropy[n] for n in NETWORKS),
-                            *(self.mean_probs[n] for n in NETWORKS), counts])
+        packed = torch.cat([*(self.terms[k] for k in self.networks), *(self.entropy[k] for k in self.networks),
+                            *(self.mean_probs[k] for k in self.networks), counts])
         values = dist.all_reduce_sum(packed).cpu()
         micro, images, skipped = values[-3:].tolist()
-        terms = values[:len(NETWORKS) * terms_count].view(len(NETWORKS), terms_count) / max(micro, 1)
-        entropy = values[len(NETWORKS) * terms_count:][:len(NETWORKS)]
-        probs = values[len(NETWORKS) * (terms_count + 1):-3].view(len(NETWORKS), self.out_dim)
-        out = {f"{n}.{t}": terms[i, j].item() for i, n in enumerate(NETWORKS) for j, t in enumerate(self.term_names)}
+        terms = values[:n * terms_count].view(n, terms_count) / max(micro, 1)
+        entropy = values[n * terms_count:][:n]
+        probs = values[n * (terms_count + 1):-3].view(n, self.out_dim)
+        out = {f"{k}.{t}": terms[i, j].item() for i, k in enumerate(self.networks) for j, t in enumerate(self.term_names)}
         views = max(2 * images, 1)  # two global views per image reach the teacher
         log_k = math.log(self.out_dim)
-        for i, name in enumerate(NETWORKS):
+        for i, name in enumerate(self.networks):
             out[f"{name}.teacher_entropy_ratio"] = entropy[i].item() / views / log_k
             mean = probs[i] / views
             out[f"{name}.teacher_kl_uniform"] = float((mean * torch.log(mean.clamp_min(1e-12) * self.out_dim)).sum())
@@ -109,8 +166,9 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsWriter:
     """Rank 0 writes; other ranks hold a writer that does nothing."""
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    def __init__(self, output_dir: Path, enabled: bool, networks: tuple[str, ...]):
         self.enabled = enabled
+        self.networks = tuple(networks)
         self.jsonl = None
         self.tensorboard = None
         if enabled:
@@ -125,7 +183,7 @@ class MetricsWriter:
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tensorboard.add_scalar(tensorboard_tag(key), value, step)
+                self.tensorboard.add_scalar(tensorboard_tag(key, self.networks), value, step)
         self.tensorboard.flush()
 
     def close(self) -> None:
@@ -134,12 +192,12 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-def console_line(step: int, total: int, values: dict[str, float], eta_seconds: float) -> str:
+def console_line(step: int, total: int, values: dict[str, float], eta_seconds: float,
+                 networks: tuple[str, ...]) -> str:
     parts = [f"step {step}/{total}"]
-    for name in NETWORKS:
-        terms = [key.split(".", 1)[1] for key in values if key.startswith(f"{name}.") and key.split(".", 1)[1] in
-                 ("self_proj", "self_search", "cross_proj", "cross_search")]
-        shown = " ".join(f"{ABBREVIATIONS[t]} {values[f'{name}.{t}']:.4f}" for t in terms)
+    for name in networks:
+        shown = " ".join(f"{term.abbreviation} {values[f'{name}.{key}']:.4f}" for key, term in TERMS.items()
+                         if f"{name}.{key}" in values)
         parts.append(f"{name}: loss {values[f'{name}.loss']:.4f} [{shown}] lr {values.get(f'lr.{name}', 0):.2e} "
                      f"tT {values.get(f'teacher_temperature.{name}', 0):.3f} "
                      f"H/lnK {values[f'{name}.teacher_entropy_ratio']:.3f}")
@@ -147,9 +205,6 @@ def console_line(step: int, total: int, values: dict[str, float], eta_seconds: f
     parts.append(f"{values['images_per_s']:.1f} img/s ETA {format_duration(eta_seconds)}")
     parts.append(f"mem {values.get('peak_memory_gib', 0):.2f} GiB skipped {int(values['skipped_samples'])}")
     return " | ".join(parts)
-
-
-ABBREVIATIONS = {"self_proj": "sp", "self_search": "ss", "cross_proj": "cp", "cross_search": "cs"}
 
 
 def format_duration(seconds: float) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mokd_scale.config import NETWORKS, Config, NetworkConfig, steps_per_epoch
+from mokd_scale.config import Config, NetworkConfig, steps_per_epoch
 
 
 def cosine(start: float, end: float, steps: int) -> np.ndarray:
@@ -50,6 +50,33 @@ class NetworkSchedule:
 
 
 @dataclass(frozen=True)
+class NetworkValues:
+    """One network's scheduled values at one step."""
+    lr: float
+    weight_decay: float
+    teacher_temperature: float
+
+
+# The metrics.jsonl name of each NetworkValues field (`lr.a`, `wd.a`, `teacher_temperature.a`).
+LOG_NAMES = {"lr": "lr", "weight_decay": "wd", "teacher_temperature": "teacher_temperature"}
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """Every scheduled value of one optimizer step."""
+    teacher_momentum: float
+    last_layer_frozen: bool
+    networks: dict[str, NetworkValues]
+
+    def log_items(self) -> dict[str, float]:
+        """Flat metrics.jsonl keys: teacher_momentum, then each network's values."""
+        items = {"teacher_momentum": self.teacher_momentum}
+        for name, values in self.networks.items():
+            items.update({f"{key}.{name}": getattr(values, field) for field, key in LOG_NAMES.items()})
+        return items
+
+
+@dataclass(frozen=True)
 class Schedules:
     networks: dict[str, NetworkSchedule]
     teacher_momentum: np.ndarray
@@ -59,22 +86,16 @@ class Schedules:
     def build(config: Config) -> "Schedules":
         total = config.train.steps
         mokd = config.mokd
-        networks = {name: network_schedule(getattr(config.networks, name), config) for name in NETWORKS}
+        networks = {name: network_schedule(net, config) for name, net in config.networks.items()}
         momentum = cosine(mokd.teacher_momentum, mokd.teacher_momentum_end, total)
         return Schedules(networks, momentum, epochs_to_steps(config.train.freeze_last_layer_epochs, config))
 
-    def at(self, step: int) -> dict[str, float]:
-        """All values for one step (clamped to the last step), flat, for logging."""
+    def at(self, step: int) -> StepValues:
+        """The values of one step (clamped to the last step)."""
         i = min(step, len(self.teacher_momentum) - 1)
-        values = {"teacher_momentum": float(self.teacher_momentum[i])}
-        for name, schedule in self.networks.items():
-            values[f"lr.{name}"] = float(schedule.lr[i])
-            values[f"wd.{name}"] = float(schedule.weight_decay[i])
-            values[f"teacher_temperature.{name}"] = float(schedule.teacher_temperature[i])
-        return values
-
-    def last_layer_frozen(self, step: int) -> bool:
-        return step < self.freeze_last_layer_steps
+        return StepValues(float(self.teacher_momentum[i]), step < self.freeze_last_layer_steps,
+                          {name: NetworkValues(float(s.lr[i]), float(s.weight_decay[i]), float(s.teacher_temperature[i]))
+                           for name, s in self.networks.items()})
 
 
 def network_schedule(net: NetworkConfig, config: Config) -> NetworkSchedule:

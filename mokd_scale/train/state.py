@@ -1,0 +1,168 @@
+"""What a checkpoint holds, as named parts: every stateful piece of a run registers once, and save,
+manifest, verification, fallback, world-size conversion and resume walk the registry (train/checkpoint.py
+does the files). Adding a stateful part is one `register` call in `run_state`.
+
+A part's name says where it lives in a checkpoint tag folder, by its scope:
+  SHARED  rank 0 writes it into mokd_state.pt; a dotted name nests ("teachers.a" is state["teachers"]["a"])
+  RANK    every rank writes its own into rank{r}.pt (RNG, data-stream position)
+  ENGINE  a DeepSpeed engine: a collective save into the folder of that name (sharded optimizer state)
+SHARED and RANK parts have `state_dict()` / `load_state_dict(state)`; ENGINE parts `save(tag_dir)` /
+`load(tag_dir, saved_world_size) -> note`.
+
+Resuming onto another number of ranks: SHARED parts load as they are (world-size independent); ENGINE
+parts convert (train/checkpoint.py: resume_plan); RANK parts saved by other ranks do not apply: the RNG
+is re-seeded from the step and the data streams restart.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mokd_scale.runtime import dist
+from mokd_scale.train import checkpoint
+from mokd_scale.train.checkpoint import CheckpointError
+
+SHARED, RANK, ENGINE = "shared", "rank", "engine"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    obj: Any
+    scope: str
+
+
+class RunState:
+    def __init__(self):
+        self.parts: dict[str, Part] = {}
+
+    def register(self, name: str, obj: Any, scope: str = SHARED) -> None:
+        if name in self.parts:
+            raise ValueError(f"checkpoint part {name!r} registered twice")
+        self.parts[name] = Part(name, obj, scope)
+
+    def of_scope(self, scope: str) -> list[Part]:
+        return [part for part in self.parts.values() if part.scope == scope]
+
+    # --- save (train/checkpoint.py writes the files) -----------------------------------------------------
+    def save_engines(self, tag_dir: Path) -> None:
+        for part in self.of_scope(ENGINE):
+            part.obj.save(tag_dir)
+
+    def shared_state(self) -> dict:
+        state: dict = {}
+        for part in self.of_scope(SHARED):
+            *parents, leaf = part.name.split(".")
+            node = state
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = part.obj.state_dict()
+        return state
+
+    def rank_state(self) -> dict:
+        return {part.name: part.obj.state_dict() for part in self.of_scope(RANK)}
+
+    # --- resume ------------------------------------------------------------------------------------------
+    def load(self, tag_dir: Path, saved: dict) -> list[str]:
+        """Every part from the tag folder; `saved` is its mokd_state.pt. Returns what to tell the user."""
+        notes = [part.obj.load(tag_dir, saved.get("world_size")) for part in self.of_scope(ENGINE)]
+        for part in self.of_scope(SHARED):
+            part.obj.load_state_dict(lookup(saved, part.name, tag_dir))
+        rank_file = Path(tag_dir) / checkpoint.rank_file_name(dist.rank())
+        if saved.get("world_size") == dist.world_size() and rank_file.is_file():
+            ranks = torch.load(rank_file, map_location="cpu", weights_only=True)
+            for part in self.of_scope(RANK):
+                part.obj.load_state_dict(ranks.get(part.name))
+        else:
+            notes.append(f"{', '.join(p.name for p in self.of_scope(RANK))} of {saved.get('world_size')} ranks do "
+                         f"not apply to {dist.world_size()}: RNG re-seeded from the step, data streams restart")
+        return [note for note in notes if note]
+
+
+def lookup(saved: dict, name: str, tag_dir: Path):
+    node = saved
+    for key in name.split("."):
+        if not isinstance(node, dict) or key not in node:
+            raise CheckpointError(f"{Path(tag_dir) / checkpoint.STATE_FILE} holds no {name!r}: it was written for "
+                                  f"another set of networks (this run has a part {name!r}); resume it with its "
+                                  f"own recipe, or start afresh with --resume none in a new output_dir")
+        node = node[key]
+    return node
+
+
+class Progress:
+    """The optimizer steps done: a checkpoint's `step`."""
+
+    def __init__(self, step: int = 0):
+        self.step = step
+
+    def state_dict(self) -> int:
+        return self.step
+
+    def load_state_dict(self, step: int) -> None:
+        self.step = int(step)
+
+
+class ProcessRng:
+    """Every generator this process draws from, in types torch.load(weights_only=True) accepts."""
+
+    def state_dict(self) -> dict:
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+                 "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached]}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+class EngineFiles:
+    """A Learner's DeepSpeed engine: student weights and the (sharded) optimizer state, in its own folder."""
+
+    def __init__(self, learner):
+        self.learner = learner
+
+    def save(self, tag_dir: Path) -> None:
+        self.learner.save_engine(tag_dir)
+
+    def load(self, tag_dir: Path, saved_world_size: int | None) -> str:
+        learner, name = self.learner, self.learner.name
+        plan = checkpoint.resume_plan(saved_world_size, learner.zero_stage, learner.net_cfg.optimizer)
+        if plan == checkpoint.ENGINE:
+            learner.load_engine(tag_dir)
+            return ""
+        if plan == checkpoint.UNIVERSAL:
+            checkpoint.convert_to_universal(tag_dir, name)
+            learner.load_engine(tag_dir, checkpoint.universal_dir_name(name), universal=True)
+            return (f"network {name}: saved by {saved_world_size} ranks, resuming on {dist.world_size()}: converted "
+                    f"to a DeepSpeed universal checkpoint")
+        learner.load_student_weights(checkpoint.student_weights(tag_dir, name))
+        optimizer = learner.net_cfg.optimizer
+        return (f"WARNING network {name}: {optimizer} state sharded over {saved_world_size} ranks cannot be "
+                f"re-sharded onto {dist.world_size()} (DeepSpeed's universal format is Adam-only): fp32 weights "
+                f"restored, {optimizer} momentum restarts from zero")
+
+
+def run_state(learners: dict, loader, progress: Progress) -> RunState:
+    """The parts of a training run, in the layout earlier versions wrote (their checkpoints resume)."""
+    state = RunState()
+    for name, learner in learners.items():
+        state.register(name, EngineFiles(learner), ENGINE)
+        state.register(f"teachers.{name}", learner.teacher)
+        state.register(f"centers.{name}", learner.centers)
+    state.register("step", progress)
+    state.register("rng", ProcessRng(), RANK)
+    state.register("data", loader, RANK)
+    return state
