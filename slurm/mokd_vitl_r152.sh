@@ -23,7 +23,7 @@
 #   OMP_NUM_THREADS     per rank (default 1: the GPU does the math; loader workers are separate processes)
 #
 # Ranks: srun starts one task per GPU and mokd-train derives rank, world size, local rank, the master
-# node and a per-job port from Slurm's variables (mokd_scale/dist.py). Each task sees all GPUs of its
+# node and a per-job port from Slurm's variables (mokd_scale/runtime/dist.py). Each task sees all GPUs of its
 # node and uses GPU number SLURM_LOCALID, so --ntasks-per-node must equal --gpus-per-node.
 #
 # Time limit and preemption: Slurm sends USR1 to this shell 180 s (up to 60 s more) before the time
@@ -58,7 +58,7 @@
 set -uo pipefail  # no -e: the exit status of the training step is handled below
 
 EXIT_PREEMPTED=75
-# mokd-train's deliberate stops (mokd_scale/train.py): restarting would end the same way.
+# mokd-train's deliberate stops (mokd_scale/runtime/exit_codes.py): restarting would end the same way.
 DELIBERATE_STOPS=(2 3 4 74)
 
 say() { echo "mokd-slurm: $*"; }

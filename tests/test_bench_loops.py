@@ -20,9 +20,9 @@ def both_loops(rank, world_size, sets):
     pool = bench_micro_batches(config, info, STEPS)
     loops = {"ours": OurStep(config, info), "ddp": DdpStep(config, info)}
     students = {"ours": {n: learner.student for n, learner in loops["ours"].learners.items()},
-                "ddp": {n: student.module.network for n, student in loops["ddp"].students.items()}}
+                "ddp": {n: net.student.module.network for n, net in loops["ddp"].networks.items()}}
     teachers = {"ours": {n: learner.teacher for n, learner in loops["ours"].learners.items()},
-                "ddp": loops["ddp"].teachers}
+                "ddp": {n: net.teacher for n, net in loops["ddp"].networks.items()}}
 
     def weights(loop):
         return {f"{n}.{part}.{k}": v.detach().clone() for part, modules in (("student", students), ("teacher", teachers))

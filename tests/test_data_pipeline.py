@@ -275,7 +275,8 @@ def continue_after(config, position, start_step: int, count: int, folder: Path) 
     """Rank 1's batches of a loader resumed at `position`, through a checkpoint-like save/load."""
     path = folder / "position.pt"
     torch.save(position, path)
-    loader = build_train_loader(config, 1, 2, start_step, position=torch.load(path, weights_only=True))
+    loader = build_train_loader(config, 1, 2, start_step)
+    loader.load_state_dict(torch.load(path, weights_only=True))
     batches = first_batches(loader, count)
     return batches, loader.state_dict()
 
@@ -303,9 +304,9 @@ def test_a_position_saved_with_other_settings_is_not_replayed(tmp_path, caplog):
     _, index, _ = write_photo_shards(tmp_path, num_shards=2, per_shard=4)
     first = build_train_loader(shard_config(index, "data.workers=2", *batches_of(2, 8)), 0, 2)
     first_batches(first, 1)
-    loader = build_train_loader(shard_config(index, "data.workers=1", *batches_of(2, 8)), 0, 2, 1,
-                                position=first.state_dict())
-    assert not loader.dataset.continued and "restart with fresh samples" in caplog.text
+    loader = build_train_loader(shard_config(index, "data.workers=1", *batches_of(2, 8)), 0, 2, 1)
+    loader.load_state_dict(first.state_dict())
+    assert not loader.continued and "restart with fresh samples" in caplog.text
 
 
 def test_the_epoch_is_part_of_the_seed(tmp_path):

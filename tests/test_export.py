@@ -115,8 +115,10 @@ def test_clear_errors(tmp_path, tiny_networks, capsys):
 def train_one_step_and_save(rank, world_size, out_dir):
     """Network a in a ZeRO-3 engine, b in ZeRO-2; one optimizer step; a checkpoint in our layout."""
     import deepspeed
-    from mokd_scale.train import checkpoint
     from mokd_scale.engine.learner import Learner
+    from mokd_scale.train import checkpoint
+    from mokd_scale.train.schedules import NetworkValues, StepValues
+    from mokd_scale.train.state import Progress, run_state
 
     cfg = load_config("tiny_cpu", ["networks.a.deepspeed=ds_configs/zero3_bf16.json",
                                    "networks.b.deepspeed=ds_configs/zero2_bf16.json",
@@ -127,13 +129,14 @@ def train_one_step_and_save(rank, world_size, out_dir):
     learners = {name: Learner(name, cfg, pair_search_dim(cfg), torch.device("cpu"), world_size)
                 for name in ("a", "b")}
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-    values = {f"{kind}.{name}": value for name in "ab" for kind, value in (("lr", 1e-2), ("wd", 0.0))}
+    values = StepValues(0.99, False, {name: NetworkValues(1e-2, 0.0, 0.04) for name in "ab"})
     for name, learner in learners.items():
-        learner.apply_schedule(values, partner="b" if name == "a" else "a", last_layer_frozen=False)
+        learner.begin_step(values)
         loss = learner.engine(images).proj.float().pow(2).mean()
         learner.engine.backward(loss)
         learner.engine.step()
-    checkpoint.save_checkpoint(Path(out_dir), 1, learners, {"config": to_dict(cfg)}, keep_last=1)
+    state = run_state(learners, loader=None, progress=Progress(1))
+    checkpoint.save_checkpoint(Path(out_dir), 1, state, {"config": to_dict(cfg)}, keep_last=1)
     students = {}
     for name, learner in learners.items():
         backbone = learner.student.backbone.model

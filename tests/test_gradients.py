@@ -37,15 +37,8 @@ def sgd_config(stage: int, clip: float, extra=()):
 
 
 def build(config, world_size):
-    from mokd_scale.train.step import Coordinator
-    from mokd_scale.engine.learner import Learner
-    from mokd_scale.models import pair_search_dim
-    from mokd_scale.train.schedules import Schedules
-
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    learners = {n: Learner(n, config, pair_search_dim(config), device, world_size) for n in "ab"}
-    return learners, Coordinator(config, learners, Schedules.build(config), device)
+    from tests.steps import learners_and_step
+    return learners_and_step(config, world_size=world_size)
 
 
 def whole_parameters(learner) -> dict[str, torch.Tensor]:
@@ -68,9 +61,9 @@ def micro_batches(config, rank, world_size):
 def step_updates(rank, world_size, stage, clip):
     """Minus the update of every student parameter after one step (= the gradient the optimizer used)."""
     config = sgd_config(stage, clip)
-    learners, coordinator = build(config, world_size)
+    learners, train_step = build(config, world_size)
     before = {n: whole_parameters(learner) for n, learner in learners.items()}
-    coordinator.train_step(0, micro_batches(config, rank, world_size))
+    train_step(0, micro_batches(config, rank, world_size))
     after = {n: whole_parameters(learner) for n, learner in learners.items()}
     return {n: {k: before[n][k] - after[n][k] for k in before[n]} for n in learners}
 
@@ -108,13 +101,13 @@ def freeze_run(rank, world_size, stage):
     config = sgd_config(stage, 3.0, ["networks.a.optimizer=adamw", "networks.b.momentum=0.9",
                                      "networks.a.lr=0.01", "networks.b.lr=0.01", "networks.a.weight_decay=0.04",
                                      "networks.b.weight_decay=0.04", "train.freeze_last_layer_epochs=0.25"])
-    learners, coordinator = build(config, world_size)
-    assert coordinator.schedules.freeze_last_layer_steps == 2
+    learners, train_step = build(config, world_size)
+    assert train_step.schedules.freeze_last_layer_steps == 2
     batches = micro_batches(config, rank, world_size)
     initial = {n: whole_parameters(learner) for n, learner in learners.items()}
     record = []
     for step in range(3):
-        coordinator.train_step(step, batches)
+        train_step(step, batches)
         record.append({n: (whole_parameters(learner), optimizer_state_by_kind(learner)) for n, learner in learners.items()})
     return initial, record
 

@@ -51,7 +51,7 @@ def venv(tmp_path_factory) -> Path:
 def test_wheel_carries_recipes_and_deepspeed_configs(venv):
     code = ("import mokd_scale, pathlib; p = pathlib.Path(mokd_scale.__file__).parent; print(p); "
             "print(sorted(f.name for f in (p / 'ds_configs').glob('*.json'))); "
-            "print(sorted(f.name for f in (p / 'configs').glob('*.yaml')))")
+            "print(sorted(f.name for f in (p / 'config' / 'recipes').glob('*.yaml')))")
     lines = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True,
                            env=clean_env(), cwd=venv).stdout.splitlines()
     assert Path(lines[0]).is_relative_to(venv)  # the installed copy, not the checkout

@@ -21,24 +21,19 @@ BF16_OVERRIDES = ["data.source=synthetic", "train.global_batch_size=4", "train.m
 
 
 def bf16_teacher_steps(rank, world_size):
-    from mokd_scale.train.step import Coordinator
     from mokd_scale.data import build_train_loader
-    from mokd_scale.engine.learner import Learner
-    from mokd_scale.models import pair_search_dim
+    from tests.steps import learners_and_step
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
-    coordinator = Coordinator(config, learners, Schedules.build(config), device)
+    learners, train_step = learners_and_step(config)
     batches = iter(build_train_loader(config, 0, 1))
     teacher = learners["a"].teacher
     rounded = {k: v.detach().bfloat16() for k, v in teacher.named_parameters()}
     changed_every_step, differs_from_rounded, losses = [], [], []
     for step in range(3):
         before = {k: v.detach().clone() for k, v in teacher.named_parameters()}
-        stats = coordinator.train_step(step, [next(batches)])
-        losses.append(stats.term("a", "loss"))
+        record = train_step(step, [next(batches)])
+        losses.append(record.term("a", "loss"))
         student = dict(learners["a"].student.named_parameters())
         m = 0.9995
         for key, value in rounded.items():  # what a bf16 teacher would hold
@@ -64,22 +59,17 @@ def test_teacher_stays_fp32_and_moves_every_step_under_a_bf16_student():
 
 def ema_after_one_step(rank, world_size, deepspeed_json):
     """Teacher before and after one step, and the student after it, under a ZeRO-2 engine."""
-    from mokd_scale.train.step import Coordinator
     from mokd_scale.data import build_train_loader
-    from mokd_scale.engine.learner import Learner
-    from mokd_scale.models import pair_search_dim
+    from tests.steps import learners_and_step
 
     config = load_config("tiny_cpu", [*BF16_OVERRIDES[:-3], "networks.a.precision=fp32", "networks.b.precision=fp32",
                                       f"networks.a.deepspeed={deepspeed_json}", f"networks.b.deepspeed={deepspeed_json}",
                                       "networks.a.lr=0.5", "networks.b.lr=0.5", "mokd.teacher_momentum=0.9",
                                       "mokd.teacher_momentum_end=0.9"])
-    torch.manual_seed(0)
-    device = torch.device("cpu")
-    learners = {n: Learner(n, config, pair_search_dim(config), device, 1) for n in "ab"}
-    coordinator = Coordinator(config, learners, Schedules.build(config), device)
+    learners, train_step = learners_and_step(config)
     flat_buffers = {n: len(learner.ema.flats) for n, learner in learners.items()}
     before = {n: {k: v.detach().clone() for k, v in learner.teacher.named_parameters()} for n, learner in learners.items()}
-    coordinator.train_step(0, [next(iter(build_train_loader(config, 0, 1, 0)))])
+    train_step(0, [next(iter(build_train_loader(config, 0, 1, 0)))])
     after = {n: {k: v.detach().clone() for k, v in learner.teacher.named_parameters()} for n, learner in learners.items()}
     student = {n: {k: v.detach().float().clone() for k, v in learner.student.named_parameters()}
                for n, learner in learners.items()}
@@ -101,7 +91,7 @@ def test_ema_over_deepspeed_flat_buffers_equals_the_per_tensor_update():
 
 def test_multi_tensor_optimizers_step_like_the_per_tensor_loop():
     from mokd_scale.config import NetworkConfig
-    from mokd_scale.engine.learner import build_optimizer
+    from mokd_scale.engine.optim import build_optimizer
 
     for kind in ("adamw", "sgd"):
         torch.manual_seed(0)
@@ -124,7 +114,7 @@ def test_multi_tensor_optimizers_step_like_the_per_tensor_loop():
 
 
 def test_parameter_groups_tag_last_layer_and_exclude_biases_and_1d_tensors_from_decay():
-    from mokd_scale.engine.learner import LAST_LAYER, parameter_groups
+    from mokd_scale.engine.optim import LAST_LAYER, parameter_groups
     from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)
@@ -146,7 +136,7 @@ def test_parameter_groups_tag_last_layer_and_exclude_biases_and_1d_tensors_from_
 
 def test_search_head_can_follow_the_partner_schedule_with_decay_on_everything():
     """The authors' CNN steps its search head at the ViT's lr and weight decay, biases and norms included."""
-    from mokd_scale.engine.learner import parameter_groups
+    from mokd_scale.engine.optim import parameter_groups
     from mokd_scale.models import build_network
 
     config = load_config("tiny_cpu", BF16_OVERRIDES)
@@ -182,9 +172,13 @@ def test_schedules_follow_the_recipe_by_global_step():
         for epoch in range(epochs):
             assert np.all(temperature[epoch * 10:(epoch + 1) * 10] == pytest.approx(per_epoch[epoch]))
         assert np.all(temperature[epochs * 10:] == pytest.approx(0.07))
-    assert schedules.at(25)["teacher_temperature.a"] == pytest.approx(0.055)
-    assert schedules.at(25)["teacher_temperature.b"] == pytest.approx(0.07)
+    assert schedules.at(25).networks["a"].teacher_temperature == pytest.approx(0.055)
+    assert schedules.at(25).networks["b"].teacher_temperature == pytest.approx(0.07)
     assert schedules.teacher_momentum[0] == pytest.approx(config.mokd.teacher_momentum)
     assert 0.9999 < schedules.teacher_momentum[-1] < 1.0
-    assert schedules.last_layer_frozen(9) and not schedules.last_layer_frozen(10)
-    assert schedules.at(10_000)["lr.a"] == schedules.at(199)["lr.a"]  # clamped past the end
+    assert schedules.at(9).last_layer_frozen and not schedules.at(10).last_layer_frozen
+    assert schedules.at(10_000).networks["a"].lr == schedules.at(199).networks["a"].lr  # clamped past the end
+    logged = schedules.at(25).log_items()  # metrics.jsonl keys, one mapping
+    assert list(logged) == ["teacher_momentum", "lr.a", "wd.a", "teacher_temperature.a", "lr.b", "wd.b",
+                            "teacher_temperature.b"]
+    assert logged["teacher_temperature.a"] == pytest.approx(0.055)

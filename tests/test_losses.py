@@ -9,9 +9,12 @@ import pytest
 import torch
 
 from mokd_scale.config import load_config
-from mokd_scale.method.losses import Centers, dino_cross_entropy, paired_cross_entropy
+from mokd_scale.method.centers import Centers
+from mokd_scale.method.forward import student_forward, teacher_forward
+from mokd_scale.method.losses import dino_cross_entropy, paired_cross_entropy
+from mokd_scale.method.objective import Objective
+from mokd_scale.method.terms import Side
 from mokd_scale.models import build_network
-from mokd_scale.method.terms import network_losses, teacher_forward
 
 TEACHER_T, STUDENT_T = 0.04, 0.1
 TINY_VIT = "{patch_size: 4, img_size: 32, embed_dim: 64, depth: %d, num_heads: 2}"
@@ -127,7 +130,7 @@ def test_centers_accumulate_micro_batches_then_update_once():
 
 # ---------------------------------------------------------------- network-level terms
 
-def tiny_config(cnn_student: bool = False, out_dim: int = 256):
+def tiny_config(cnn_student: bool = False, out_dim: int = 256, term_weights: str = "{}"):
     """Two tiny ViTs of different depth (LayerNorm only), or a slim ResNet-18 as network a."""
     a_arch = ["networks.a.arch=resnet18", "networks.a.arch_kwargs={channels: [8, 16, 32, 64]}"] if cnn_student \
         else ["networks.a.arch=vit_tiny_patch16_224", f"networks.a.arch_kwargs={TINY_VIT % 2}"]
@@ -135,7 +138,7 @@ def tiny_config(cnn_student: bool = False, out_dim: int = 256):
         *a_arch, "networks.b.arch=vit_tiny_patch16_224", f"networks.b.arch_kwargs={TINY_VIT % 1}",
         "networks.a.proj_batchnorm=false", "networks.b.proj_batchnorm=false",
         f"mokd.out_dim={out_dim}", "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16",
-        "mokd.search_depth=2", "mokd.search_dim=0", "mokd.search_head_dim=32"])
+        "mokd.search_depth=2", "mokd.search_dim=0", "mokd.search_head_dim=32", f"mokd.term_weights={term_weights}"])
 
 
 def perturbed_copy(module, gen, scale=0.02):
@@ -166,11 +169,22 @@ def make_crops(batch, num_local, seed=0, global_size=32, local_size=16):
         [torch.randn(batch, 3, local_size, local_size, generator=gen) for _ in range(num_local)]
 
 
-def losses_for(x, y, students, teachers, centers, crops, lambda_cross=0.5, compute_dtype=None):
-    own = teacher_forward(teachers[x], crops[:2], compute_dtype)
-    partner = teacher_forward(teachers[y], crops[:2], compute_dtype)
-    return network_losses(students[x], crops, own, partner, teachers[y], centers[x], centers[y],
-                          TEACHER_T, STUDENT_T, lambda_cross, compute_dtype)
+def network_terms(cfg, x, student, crops, sides, lambda_cross, compute_dtype=None) -> dict:
+    """Network x's terms and total through the objective, as the step computes them: {term: value, "total"}."""
+    objective = Objective(cfg)
+    objective.lambdas[x] = lambda_cross
+    terms = objective(x, student_forward(student, crops, compute_dtype), sides, TEACHER_T, compute_dtype)
+    return {**terms.values, "total": terms.total}
+
+
+def sides_of(teachers, centers, crops, compute_dtype=None, **targets) -> dict:
+    return {n: Side(targets.get(n) or teacher_forward(teachers[n], crops[:2], compute_dtype), teachers[n], centers[n])
+            for n in teachers}
+
+
+def losses_for(x, y, students, teachers, centers, crops, lambda_cross=0.5, compute_dtype=None, cfg=None):
+    sides = sides_of(teachers, centers, crops, compute_dtype)
+    return network_terms(cfg or tiny_config(), x, students[x], crops, sides, lambda_cross, compute_dtype)
 
 
 def reference_terms(x, y, students, teachers, centers, crops):
@@ -197,12 +211,12 @@ def test_network_terms_match_float64_reference(cnn_student):
     for module in (*students.values(), *teachers.values()):
         module.eval()  # BatchNorm (ResNet) must not depend on how crops are batched
     crops = make_crops(batch=3 if cnn_student else 2, num_local=2 if cnn_student else 4)
-    terms = losses_for("a", "b", students, teachers, centers, crops, lambda_cross=0.5)
+    terms = losses_for("a", "b", students, teachers, centers, crops, lambda_cross=0.5, cfg=cfg)
     expected = reference_terms("a", "b", students, teachers, centers, crops)
     for name, value in expected.items():
-        assert_relative(getattr(terms, name), value, 1e-5)
+        assert_relative(terms[name], value, 1e-5)
     cross = expected["cross_proj"] + expected["cross_search"]
-    assert_relative(terms.total, expected["self_proj"] + expected["self_search"] + 0.5 * cross, 1e-5)
+    assert_relative(terms["total"], expected["self_proj"] + expected["self_search"] + 0.5 * cross, 1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -223,22 +237,21 @@ def test_cross_search_uses_local_crops_and_partner_global1_only(vit_pair):
     base_partner = teacher_forward(teachers["b"], crops[:2])
 
     def terms(student_crops, partner_crops):
-        partner = teacher_forward(teachers["b"], partner_crops[:2])
-        return network_losses(students["a"], student_crops, base_own, partner, teachers["b"],
-                              centers["a"], centers["b"], TEACHER_T, STUDENT_T, 1.0)
+        sides = sides_of(teachers, centers, partner_crops, a=base_own)
+        return network_terms(tiny_config(), "a", students["a"], student_crops, sides, 1.0)
 
     base = terms(crops, crops)
     # Partner teacher's global 2 changes: its projection target moves, the cross-search target not.
     other = terms(crops, replaced(crops, 1))
-    torch.testing.assert_close(other.cross_search, base.cross_search, rtol=0, atol=1e-6)
-    assert abs(other.cross_proj - base.cross_proj) > 1e-4
+    torch.testing.assert_close(other["cross_search"], base["cross_search"], rtol=0, atol=1e-6)
+    assert abs(other["cross_proj"] - base["cross_proj"]) > 1e-4
     # A student global crop changes: every term but cross-search moves.
     other = terms(replaced(crops, 0), crops)
-    torch.testing.assert_close(other.cross_search, base.cross_search, rtol=0, atol=1e-6)
-    assert abs(other.self_proj - base.self_proj) > 1e-4
+    torch.testing.assert_close(other["cross_search"], base["cross_search"], rtol=0, atol=1e-6)
+    assert abs(other["self_proj"] - base["self_proj"]) > 1e-4
     # Partner global 1 or a student local crop: cross-search moves.
-    assert abs(terms(crops, replaced(crops, 0)).cross_search - base.cross_search) > 1e-4
-    assert abs(terms(replaced(crops, 3), crops).cross_search - base.cross_search) > 1e-4
+    assert abs(terms(crops, replaced(crops, 0))["cross_search"] - base["cross_search"]) > 1e-4
+    assert abs(terms(replaced(crops, 3), crops)["cross_search"] - base["cross_search"]) > 1e-4
     assert base_partner.global1_search_tokens.shape == (2, 64, 64)
 
 
@@ -247,7 +260,7 @@ def test_gradients_reach_own_student_only(vit_pair):
     for module in (students["b"], *teachers.values()):
         module.requires_grad_(True)  # would collect gradients if anything leaked
     terms = losses_for("a", "b", students, teachers, centers, make_crops(batch=2, num_local=2))
-    terms.total.backward()
+    terms["total"].backward()
     for name, module in (("partner student", students["b"]), ("own teacher", teachers["a"]),
                          ("partner teacher", teachers["b"])):
         leaked = [n for n, p in module.named_parameters() if p.grad is not None]
@@ -262,16 +275,15 @@ def test_bf16_student_matches_fp32_within_bf16_tolerance():
     fp32 = losses_for("a", "b", students, teachers, centers, crops)
     students["a"] = students["a"].to(torch.bfloat16)  # what DeepSpeed's bf16 mode does
     bf16 = losses_for("a", "b", students, teachers, centers, crops, compute_dtype=torch.bfloat16)
-    for name in bf16._fields:
-        value = getattr(bf16, name)
+    for name, value in bf16.items():
         assert value.dtype == torch.float32 and math.isfinite(float(value.detach()))
-        assert_relative(value, float(getattr(fp32, name).detach()), 0.05)
-    bf16.total.backward()
+        assert_relative(value, float(fp32[name].detach()), 0.05)
+    bf16["total"].backward()
     assert all(torch.isfinite(p.grad).all() for p in students["a"].parameters() if p.grad is not None)
 
 
 def test_cross_search_targets_in_one_forward_equal_one_forward_per_local_crop(vit_pair):
-    from mokd_scale.method.terms import cross_search_targets
+    from mokd_scale.method.forward import cross_search_targets
     _, teachers, _ = vit_pair
     crops = make_crops(batch=3, num_local=4)
     partner = teacher_forward(teachers["b"], crops[:2])
@@ -281,3 +293,48 @@ def test_cross_search_targets_in_one_forward_equal_one_forward_per_local_crop(vi
         one_by_one = torch.stack([teachers["b"].search_head(partner.global1_search_tokens, query=q) for q in queries])
     assert batched.shape == (4, 3, 256)
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- KoLeo (DINOv2's regulariser)
+
+def ref_koleo(features: torch.Tensor, eps: float = 1e-8) -> float:
+    """float64, sample by sample: -mean_i log(||x_i - x_nn(i) + eps|| + eps) over L2-normalised rows,
+    nn(i) the other row of largest inner product."""
+    x = features.double()
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+    total = 0.0
+    for i in range(x.shape[0]):
+        others = [j for j in range(x.shape[0]) if j != i]
+        nearest = max(others, key=lambda j: float(x[i] @ x[j]))
+        total += -math.log(float((x[i] - x[nearest] + eps).norm()) + eps)
+    return total / x.shape[0]
+
+
+def test_koleo_matches_float64_reference_and_pushes_neighbours_apart():
+    from mokd_scale.method.losses import koleo
+    gen = torch.Generator().manual_seed(6)
+    features = torch.randn(7, 12, generator=gen, requires_grad=True)
+    loss = koleo(features)
+    assert loss.dtype == torch.float32
+    assert_relative(loss, ref_koleo(features.detach()), 1e-6)
+    loss.backward()
+    with torch.no_grad():  # a small step against the gradient spreads the batch: the loss falls
+        assert koleo(features - 1e-2 * features.grad) < loss
+    clustered = torch.randn(1, 12, generator=gen).repeat(6, 1) + 1e-3 * torch.randn(6, 12, generator=gen)
+    assert koleo(clustered) > koleo(torch.randn(6, 12, generator=gen))  # near-duplicates cost more
+    with pytest.raises(ValueError, match="at least 2"):
+        koleo(torch.randn(1, 12))
+
+
+def test_koleo_term_sums_the_two_global_crops_over_the_micro_batch(vit_pair):
+    from mokd_scale.method.losses import koleo
+    students, teachers, centers = vit_pair
+    crops = make_crops(batch=4, num_local=2)
+    config = tiny_config(term_weights="{koleo: 0.5}")
+    terms = network_terms(config, "a", students["a"], crops, sides_of(teachers, centers, crops), 0.5)
+    pooled = torch.cat([students["a"].backbone(crop).pooled for crop in crops[:2]])
+    expected = koleo(pooled[:4]) + koleo(pooled[4:])  # never across the two crops of one image
+    torch.testing.assert_close(terms["koleo"], expected, rtol=1e-5, atol=1e-6)
+    without = network_terms(tiny_config(), "a", students["a"], crops, sides_of(teachers, centers, crops), 0.5)
+    assert "koleo" not in without  # weight 0: not computed
+    torch.testing.assert_close(terms["total"], without["total"] + 0.5 * expected, rtol=1e-5, atol=1e-6)

@@ -194,11 +194,15 @@ def test_pair_search_dim_rules():
     assert pair_search_dim(small_config()) == 192
     assert pair_search_dim(small_config(**{"mokd.search_dim": 256})) == 256
     two_cnns = small_config(**{"networks.a.arch": "resnet18", "networks.a.arch_kwargs": "{}"})
-    with pytest.raises(ValueError, match="both networks are CNNs"):
+    with pytest.raises(ValueError, match="no network is a ViT"):
         pair_search_dim(two_cnns)
     with pytest.raises(ValueError, match="multiple of"):
         build_network(two_cnns, "a", search_dim=100)
     assert pair_search_dim(small_config(**{"mokd.mode": "independent"})) == 0
+    three = small_config(**{"networks.c.arch": "vit_tiny_patch16_224",
+                            "networks.c.arch_kwargs": "{patch_size: 4, img_size: 32, embed_dim: 128, depth: 1, num_heads: 2}"})
+    with pytest.raises(ValueError, match=r"different widths \[128, 192\]"):  # every search head shares one width
+        pair_search_dim(three)
 
 
 def test_grad_checkpointing_gives_same_output_and_gradients():

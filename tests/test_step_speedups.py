@@ -29,30 +29,31 @@ STEPS = 2
 
 
 def build(config, compiled: tuple[str, ...] = ()):
-    """The real Learners and Coordinator; `compiled` networks get train.compile=true."""
-    from mokd_scale.train.step import Coordinator
+    """The real Learners and step; `compiled` networks get train.compile=true."""
     from mokd_scale.data import build_train_loader
     from mokd_scale.engine.learner import Learner
+    from mokd_scale.method.objective import Objective
     from mokd_scale.models import pair_search_dim
     from mokd_scale.train.schedules import Schedules
+    from mokd_scale.train.step import Step
 
     torch.manual_seed(0)
     device = torch.device("cpu")
     learners = {}
-    for name in "ab":
+    for name in config.networks:
         train = dataclasses.replace(config.train, compile=name in compiled)
         learners[name] = Learner(name, dataclasses.replace(config, train=train), pair_search_dim(config), device, 1)
-    coordinator = Coordinator(config, learners, Schedules.build(config), device)
-    return learners, coordinator, iter(build_train_loader(config, rank=0, world_size=1))
+    train_step = Step(learners, Objective(config), Schedules.build(config), config)
+    return learners, train_step, iter(build_train_loader(config, rank=0, world_size=1))
 
 
 def run_steps(config, compiled: tuple[str, ...] = ()) -> dict:
     """STEPS steps of the real step: losses, then every student and teacher tensor."""
-    learners, coordinator, batches = build(config, compiled)
+    learners, train_step, batches = build(config, compiled)
     losses = []
     for step in range(STEPS):
-        stats = coordinator.train_step(step, [next(batches)])
-        losses.append([stats.term(n, t) for n in "ab" for t in stats.term_names])
+        record = train_step(step, [next(batches)])
+        losses.append([record.term(n, t) for n in "ab" for t in record.term_names])
     weights = {f"{n}.{part}.{k}": v.detach().float().clone() for n, learner in learners.items()
                for part, module in (("student", learner.student), ("teacher", learner.teacher))
                for k, v in module.state_dict().items()}
@@ -169,12 +170,12 @@ def test_zero2_without_deepspeeds_own_gradient_checks_gives_the_same_step(tmp_pa
 def nan_rank(rank, world_size):
     from mokd_scale.train.step import NonFiniteLoss
 
-    learners, coordinator, batches = build(load_config("tiny_cpu", TINY + BF16))
+    learners, train_step, batches = build(load_config("tiny_cpu", TINY + BF16))
     assert not learners["a"].engine._config.bfloat16_config.check_grad_overflow
     before = {k: v.detach().clone() for k, v in learners["a"].student.named_parameters()}
-    os.environ["MOKD_FAULTS"] = "nan@0"  # network a's loss is NaN at step 0 (mokd_scale/faults.py)
+    os.environ["MOKD_FAULTS"] = "nan@0"  # network a's loss is NaN at step 0 (mokd_scale/runtime/faults.py)
     try:
-        coordinator.train_step(0, [next(batches)])
+        train_step(0, [next(batches)])
     except NonFiniteLoss as error:
         unchanged = all(torch.equal(before[k], v) for k, v in learners["a"].student.named_parameters())
         return str(error), unchanged
@@ -188,7 +189,7 @@ def test_a_non_finite_bf16_zero2_gradient_still_stops_the_step_unapplied():
 
 
 def test_deepspeed_keeps_its_gradient_norm_where_it_clips():
-    from mokd_scale.engine.learner import deepspeed_config
+    from mokd_scale.engine.deepspeed_config import deepspeed_config
 
     config = load_config("tiny_cpu", TINY + ["networks.a.clip_mode=global"])
     clipped = deepspeed_config(config.networks.a, config, 1, torch.float32)

@@ -233,7 +233,7 @@ def test_resume_from_two_ranks_onto_one(tmp_path):
     saved = teacher_weights(out)
     output = run_on_ranks(expect_code, 1, (0, zero2 + ["train.stop_after_steps=1"]), timeout=240)
     assert "resumed from step_00000002" in output and "saved by 2 ranks, now 1" in output
-    assert "converting to a DeepSpeed universal checkpoint" in output
+    assert "converted to a DeepSpeed universal checkpoint" in output
     assert (out / "checkpoints" / "step_00000002" / "a_universal").is_dir()
     assert [m["step"] for m in metrics(out)] == [1, 2, 3]
     resumed = teacher_weights(out, "step_00000003")

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_harness import run_on_ranks
-from tests.test_losses import STUDENT_T, TEACHER_T, build_pair, make_crops, tiny_config
-from mokd_scale.method.terms import network_losses, teacher_forward
+from tests.test_losses import build_pair, make_crops, network_terms, sides_of, tiny_config
 
 GLOBAL_BATCH = 8
 NUM_LOCAL = 2
@@ -29,22 +28,22 @@ def all_reduce_mean(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
 def mokd_step(rank: int, world_size: int, micro_batches: int) -> dict:
     """One MOKD step on this rank's slice of the global batch; returns numpy results."""
     torch.manual_seed(0)
-    students, teachers, centers = build_pair(tiny_config(), seed=0)
+    config = tiny_config()
+    students, teachers, centers = build_pair(config, seed=0)
     crops = make_crops(GLOBAL_BATCH, NUM_LOCAL, seed=1)
     per_rank = GLOBAL_BATCH // world_size
     mine = [crop[rank * per_rank:(rank + 1) * per_rank] for crop in crops]
     micro = [[crop.chunk(micro_batches)[m] for crop in mine] for m in range(micro_batches)]
     terms = {f"{x}.{t}": torch.zeros(()) for x in ("a", "b") for t in TERMS}
     for batch in micro:
-        outputs = {n: teacher_forward(teachers[n], batch[:2]) for n in ("a", "b")}
+        sides = sides_of(teachers, centers, batch)
         for n in ("a", "b"):
-            centers[n].accumulate(outputs[n].proj, outputs[n].search)
-        for x, y in (("a", "b"), ("b", "a")):
-            losses = network_losses(students[x], batch, outputs[x], outputs[y], teachers[y], centers[x],
-                                    centers[y], TEACHER_T, STUDENT_T, LAMBDA[x])
-            (losses.total / micro_batches).backward()  # gradient accumulation
+            centers[n].accumulate(sides[n].targets.proj, sides[n].targets.search)
+        for x in ("a", "b"):
+            losses = network_terms(config, x, students[x], batch, sides, LAMBDA[x])
+            (losses["total"] / micro_batches).backward()  # gradient accumulation
             for t in TERMS:
-                terms[f"{x}.{t}"] += getattr(losses, t).detach() / micro_batches
+                terms[f"{x}.{t}"] += losses[t].detach() / micro_batches
     for n in ("a", "b"):
         centers[n].update()
     results = {name: all_reduce_mean(value, world_size) for name, value in terms.items()}

@@ -138,7 +138,7 @@ class TrainLoader:
         self.streams = max(1, workers)
         self.positions = dict(getattr(dataset, "positions", {}))
         self.next_stream = getattr(dataset, "first_stream", 0)
-        # Pinned batches make the coordinator's non_blocking host->GPU copy truly asynchronous. The
+        # Pinned batches make the step's non_blocking host->GPU copy truly asynchronous. The
         # loader's own generator keeps it from drawing from the global one, which must evolve alike
         # in a resumed run (whose loader starts mid-run) and an uninterrupted one.
         self.loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),

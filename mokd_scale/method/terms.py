@@ -97,3 +97,12 @@ TERMS: dict[str, Term] = {
     "koleo": Term(koleo_of_globals, False, False, 0.0, "ko",
                   "DINOv2's KoLeo on the pooled features of each global crop, over the micro-batch"),
 }
+
+
+def terms_table() -> str:
+    """The README's table of loss terms, from the registry (tests/test_readme.py keeps the README equal)."""
+    rows = ["| term (metrics.jsonl key `X.term`, TensorBoard `train/X/term`) | what | per partner | default weight |",
+            "| --- | --- | --- | --- |"]
+    rows += [f"| `{name}` | {term.help} | {'yes, averaged, × λ_X' if term.per_partner else 'no'} | "
+             f"{term.default_weight:g} |" for name, term in TERMS.items()]
+    return "\n".join(rows)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from mokd_scale.config import NETWORKS, add_set_argument
+from mokd_scale.config import add_set_argument
 from mokd_scale.tools import make_shards as make_shards_tool
 from mokd_scale.tools import plot_metrics, prepare_fashion_mnist
 
@@ -138,13 +138,19 @@ def train(args, indexes: dict[str, Path], run_dir: Path) -> None:
     run(train_command(args.nproc, args.config, overrides), "training")
 
 
+def run_networks(run_dir: Path) -> list[str]:
+    """The network names of a run, in its recipe's order (from the resolved config it wrote)."""
+    return list(yaml.safe_load((run_dir / "config.yaml").read_text())["networks"])
+
+
 def final_knn_from_metrics(run_dir: Path) -> dict | None:
     """The trainer's own k-NN at its last step (same function as mokd-eval-knn), if logged."""
     rows = plot_metrics.read_metrics(run_dir / "metrics.jsonl")
+    names = run_networks(run_dir)
     last_step = max((row["step"] for row in rows), default=-1)
     for row in reversed(rows):
-        if row["step"] == last_step and all(f"knn.{n}.top1" in row for n in NETWORKS):
-            result = {n: {"top1": row[f"knn.{n}.top1"], "top5": row[f"knn.{n}.top5"]} for n in NETWORKS}
+        if row["step"] == last_step and all(f"knn.{n}.top1" in row for n in names):
+            result = {n: {"top1": row[f"knn.{n}.top1"], "top5": row[f"knn.{n}.top5"]} for n in names}
             return {**result, "step": last_step, "source": "metrics.jsonl"}
     return None
 
@@ -164,7 +170,7 @@ def knn(run_dir: Path, random_init: bool) -> dict:
 
 def table(trained: dict, baseline: dict, config: dict) -> str:
     lines = [f"{'network':<8} {'arch':<24} {'random-init top1/top5':>22} {'trained top1/top5':>20} {'gain':>7}"]
-    for name in NETWORKS:
+    for name in config["networks"]:
         arch = config["networks"][name]["arch"]
         before, after = baseline[name], trained[name]
         lines.append(f"{name:<8} {arch:<24} {before['top1']:>12.2f} / {before['top5']:<7.2f} "
@@ -198,8 +204,8 @@ def main(argv=None) -> int:
         return 1
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     png = plot_metrics.plot(plot_metrics.read_metrics(run_dir / "metrics.jsonl"), run_dir / "demo.png",
-                            baselines={n: baseline[n]["top1"] for n in NETWORKS},
-                            final={n: (trained["step"], trained[n]["top1"]) for n in NETWORKS},
+                            baselines={n: baseline[n]["top1"] for n in config["networks"]},
+                            final={n: (trained["step"], trained[n]["top1"]) for n in config["networks"]},
                             out_dim=config["mokd"]["out_dim"],
                             title=f"MOKD {args.config} on Fashion-MNIST, step {trained['step']}")
     results = {"trained": trained, "random_init": baseline, "timings_s": timings}

@@ -24,7 +24,7 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-shards", default=None,
                         help="shards of the labelled training set (default: from the checkpoint's config)")
     parser.add_argument("--val-shards", default=None, help="shards of the validation set (default: config)")
-    parser.add_argument("--networks", default="a,b", help="comma-separated networks to evaluate")
+    parser.add_argument("--networks", default="", help="comma-separated networks to evaluate (default: all of the run's)")
     parser.add_argument("--random-init", action="store_true",
                         help="same architectures with fresh random weights (the untrained baseline)")
     parser.add_argument("--seed", type=int, default=None, help="seed of --random-init (default: config seed)")
@@ -65,7 +65,7 @@ def load_teachers(args: argparse.Namespace, device):
         apply_override(raw, item)
     config = from_dict(raw)
     validate(config)
-    names = [n.strip() for n in args.networks.split(",") if n.strip()]
+    names = [n.strip() for n in args.networks.split(",") if n.strip()] or list(config.networks)
     unknown = [n for n in names if n not in state["teachers"]]
     if unknown:
         raise ValueError(f"unknown network(s) {unknown}: this checkpoint holds {sorted(state['teachers'])}")

@@ -10,10 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from mokd_scale.config import NETWORKS
-
-# The four MOKD terms of each network (the weighted total is in metrics.jsonl as X.loss).
-TERMS = ("self_proj", "self_search", "cross_proj", "cross_search")
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -27,6 +24,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [row for row in rows if "step" in row]
 
 
+def networks_of(rows: list[dict]) -> list[str]:
+    """The run's networks, in the order metrics.jsonl names them: every `X.loss` key names one."""
+    names = []
+    for row in rows:
+        names += [key[:-len(".loss")] for key in row if key.endswith(".loss") and key.count(".") == 1
+                  and key[:-len(".loss")] not in names]
+    return names
+
+
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
     return [p[0] for p in points], [p[1] for p in points]
@@ -35,7 +41,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot(rows: list[dict], out: str | Path, baselines: dict[str, float] | None = None,
          final: dict[str, tuple[int, float]] | None = None, out_dim: int = 0,
          title: str = "MOKD training") -> Path:
-    """Three panels: network a's loss terms, network b's, k-NN top-1.
+    """A panel of loss terms per network (the registry's terms the run logged), then k-NN top-1.
 
     baselines: {network: random-init top-1} (dashed lines); final: {network: (step, top-1)} of
     an evaluation after training; out_dim K draws ln K, the loss of a collapsed (uniform) target.
@@ -44,8 +50,12 @@ def plot(rows: list[dict], out: str | Path, baselines: dict[str, float] | None =
     matplotlib.use("Agg")  # files only; the demo runs headless
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for axis, network in zip(axes[:2], NETWORKS):
+    from mokd_scale.method.terms import TERMS  # imports torch: not at `mokd-plot --help`
+
+    names = networks_of(rows)
+    figure, axes = plt.subplots(1, len(names) + 1, figsize=(5.3 * (len(names) + 1), 4.5), squeeze=False)
+    axes = axes[0]
+    for axis, network in zip(axes[:-1], names):
         for term in TERMS:
             steps, values = series(rows, f"{network}.{term}")
             if steps:
@@ -55,8 +65,8 @@ def plot(rows: list[dict], out: str | Path, baselines: dict[str, float] | None =
         axis.set_title(f"network {network}: loss terms")
         axis.set_xlabel("step")
         axis.legend(fontsize=8)
-    knn_axis = axes[2]
-    for network, colour in (("a", "tab:blue"), ("b", "tab:orange")):
+    knn_axis = axes[-1]
+    for network, colour in zip(names, COLOURS * len(names)):
         steps, values = series(rows, f"knn.{network}.top1")
         if final and network in final:  # the end-of-run evaluation joins the periodic ones
             steps, values = steps + [final[network][0]], values + [final[network][1]]

@@ -164,5 +164,6 @@ def run_state(learners: dict, loader, progress: Progress) -> RunState:
         state.register(f"centers.{name}", learner.centers)
     state.register("step", progress)
     state.register("rng", ProcessRng(), RANK)
-    state.register("data", loader, RANK)
+    if loader is not None:  # tools that save weights without a data stream
+        state.register("data", loader, RANK)
     return state

@@ -28,7 +28,7 @@ import io
 import torch
 
 from mokd_scale.runtime import dist
-from mokd_scale.config import NETWORKS
+from mokd_scale.config import load_config
 from mokd_scale.tools.bench.step import (OurStep, add_recipe_args, all_ranks_max, batches_for_step, bench_config,
                         bench_micro_batches, device_name, launch, load_average, peak_memory_bytes,
                         recipe_overrides, reset_peak_memory, start_rank)
@@ -85,7 +85,8 @@ def current_rss_bytes() -> int:
 
 
 def measure_stage(args, info, stage: int) -> dict:
-    overrides = recipe_overrides(["networks.a.optimizer=adamw", "networks.b.optimizer=adamw", *args.set], stage)
+    adamw = [f"networks.{name}.optimizer=adamw" for name in load_config(args.config, args.set).networks]
+    overrides = recipe_overrides([*adamw, *args.set], stage, args.config)
     config = bench_config(args.config, overrides, info.world_size, 1)
     pool = bench_micro_batches(config, info, 1)
     gc.collect()
@@ -142,14 +143,12 @@ def largest_layer_params(network) -> int:
 
 
 def flagship_counts(config_name: str) -> dict:
-    from mokd_scale.config import load_config
     from mokd_scale.models import build_network
     from mokd_scale.models.summary import parameter_counts
 
     config = load_config(config_name)
     counts = {}
-    for name in NETWORKS:
-        net_cfg = getattr(config.networks, name)
+    for name, net_cfg in config.networks.items():
         with torch.device("meta"):
             network = build_network(config, name)
         counts[name] = {"arch": net_cfg.arch, "optimizer": net_cfg.optimizer, **parameter_counts(network),

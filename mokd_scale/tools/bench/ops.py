@@ -57,7 +57,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mokd_scale.runtime import dist
-from mokd_scale.config import NETWORKS, load_config
+from mokd_scale.config import load_config
 from mokd_scale.runtime.profiling import current_phase
 from mokd_scale.tools.bench.step import (ZERO_CONFIGS, DdpStep, OurStep, add_recipe_args, batches_for_step,
                                          bench_config, bench_micro_batches, device_name, launch, recipe_overrides,
@@ -142,8 +142,7 @@ def tiny_width_overrides(config) -> list[str]:
     from mokd_scale.models.backbone import create_timm_model, is_vit_arch
 
     sets = list(TINY_HEADS)
-    for name in NETWORKS:
-        net = getattr(config.networks, name)
+    for name, net in config.networks.items():
         if is_vit_arch(net.arch):
             with torch.device("meta"):
                 heads = create_timm_model(net.arch, net.arch_kwargs, 0.0).blocks[0].attn.num_heads
@@ -159,7 +158,7 @@ def tiny_width_overrides(config) -> list[str]:
 
 
 def ops_config(args, info, zero: int):
-    overrides = recipe_overrides([], zero)
+    overrides = recipe_overrides([], zero, args.config)
     if args.width == "tiny":
         overrides += tiny_width_overrides(load_config(args.config, overrides + args.set))
     overrides += args.set

@@ -38,7 +38,7 @@ import yaml
 
 from mokd_scale.config import ConfigError, add_set_argument, load_config, to_dict
 from mokd_scale.tools import demo, plot_metrics
-from mokd_scale.tools.bench.science_report import MODES, NETWORKS, plot, summarize
+from mokd_scale.tools.bench.science_report import MODES, plot, summarize
 
 START_LINE = re.compile(r"^training steps (\d+)\.\.")
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")
@@ -103,7 +103,7 @@ class Run:
     def final_knn(self, steps: int) -> dict | None:
         """{network: {top1, top5}} at the last step, once the run has logged it."""
         metrics = self.dir / "metrics.jsonl"
-        if not metrics.is_file():
+        if not metrics.is_file() or not (self.dir / "config.yaml").is_file():
             return None
         final = demo.final_knn_from_metrics(self.dir)
         return final if final and final["step"] == steps else None
@@ -229,7 +229,8 @@ def random_init_knn(run: Run) -> dict:
     return json.loads(path.read_text())
 
 
-def run_record(run: Run, steps: int, reused: bool, seconds: float | None, with_random_init: bool) -> dict:
+def run_record(run: Run, steps: int, reused: bool, seconds: float | None, with_random_init: bool,
+               networks: tuple[str, ...]) -> dict:
     final = run.final_knn(steps)
     if final is None:
         raise BenchError(f"{run.name}: no k-NN at step {steps} in {run.dir / 'metrics.jsonl'} after training")
@@ -238,14 +239,14 @@ def run_record(run: Run, steps: int, reused: bool, seconds: float | None, with_r
     # A resumed run logs the steps after its checkpoint again: the later row of a step wins.
     curves = {name: sorted({**({0: start[name]["top1"]} if start else {}),
                             **{row["step"]: row[f"knn.{name}.top1"] for row in rows if f"knn.{name}.top1" in row}}.items())
-              for name in NETWORKS}
-    last_losses = next((row for row in reversed(rows) if "a.loss" in row), {})
+              for name in networks}
+    last_losses = next((row for row in reversed(rows) if f"{networks[0]}.loss" in row), {})
     return {"mode": run.mode, "seed": run.seed, "run_dir": str(run.dir), "reused": reused,
-            "train_seconds": seconds, "final_top1": {n: final[n]["top1"] for n in NETWORKS},
-            "random_init_top1": {n: start[n]["top1"] for n in NETWORKS} if start else None,
-            "final_top5": {n: final[n]["top5"] for n in NETWORKS}, "knn_curve": curves,
+            "train_seconds": seconds, "final_top1": {n: final[n]["top1"] for n in networks},
+            "random_init_top1": {n: start[n]["top1"] for n in networks} if start else None,
+            "final_top5": {n: final[n]["top5"] for n in networks}, "knn_curve": curves,
             "last_logged": {key: value for key, value in last_losses.items()
-                            if key.split(".")[0] in NETWORKS and isinstance(value, (int, float))}}
+                            if key.split(".")[0] in networks and isinstance(value, (int, float))}}
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -301,10 +302,10 @@ def run_science_bench(argv=None) -> dict:
         label = f"run {number}/{len(runs)}"
         if run in to_train:
             seconds = train_run(run, label, args, overrides, progress)
-            records.append(run_record(run, steps, False, seconds, args.random_init))
+            records.append(run_record(run, steps, False, seconds, args.random_init, tuple(config.networks)))
         else:
             say(f"[science] {label} {run.name}: reusing the final k-NN in {run.dir}")
-            records.append(run_record(run, steps, True, None, args.random_init))
+            records.append(run_record(run, steps, True, None, args.random_init, tuple(config.networks)))
     report = {
         "benchmark": "science", "config": args.config, "set": args.set, "steps": steps,
         "seeds": list(range(args.seeds)), "modes": args.modes, "nproc": args.nproc, "work": str(work),
@@ -312,9 +313,8 @@ def run_science_bench(argv=None) -> dict:
                  "val_images": written["val"], "image_size": args.image_size},
         "knn": {"k": config.eval.knn_k, "temperature": config.eval.knn_temperature,
                 "max_train_samples": config.eval.max_train_samples, "max_val_samples": config.eval.max_val_samples},
-        "networks": {name: {"arch": getattr(config.networks, name).arch,
-                            "arch_kwargs": getattr(config.networks, name).arch_kwargs,
-                            "lambda": getattr(config.networks, name).lambda_cross} for name in NETWORKS},
+        "networks": {name: {"arch": net.arch, "arch_kwargs": net.arch_kwargs, "lambda": net.lambda_cross}
+                     for name, net in config.networks.items()},
         "runs": records,
         "summary": summarize(records),
     }

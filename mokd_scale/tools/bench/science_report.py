@@ -7,7 +7,6 @@ import statistics
 import typing
 from pathlib import Path
 
-from mokd_scale.config import NETWORKS
 from mokd_scale.config.schema import MokdConfig
 
 MODES = typing.get_args(typing.get_type_hints(MokdConfig)["mode"])  # ("mokd", "independent")
@@ -41,7 +40,7 @@ def gain(mokd: dict, independent: dict, paired: list[float]) -> dict:
 
 def summarize(records: list[dict]) -> dict:
     summary = {}
-    for name in NETWORKS:
+    for name in (records[0]["final_top1"] if records else {}):
         by_mode = {mode: {r["seed"]: r["final_top1"][name] for r in records if r["mode"] == mode} for mode in MODES}
         stats = {mode: mean_std([by_mode[mode][s] for s in sorted(by_mode[mode])]) for mode in MODES}
         common = sorted(set(by_mode["mokd"]) & set(by_mode["independent"]))
@@ -60,14 +59,14 @@ def science_table(report: dict) -> str:
     lines = [f"k-NN top-1 (%) of the teachers after {report['steps']} steps, {report['config']}, "
              f"seeds {report['seeds']}",
              f"{'network':<28} {'random init':>15} {'mokd':>15} {'independent':>15} {'gain (± s.e.)':>16}  verdict"]
-    for name in NETWORKS:
+    for name in report["networks"]:
         net = report["summary"][name]
         cells = [f"{fmt(net[m]['mean'])} ± {fmt(net[m]['std'])}" for m in ("random_init", *MODES)]
         g = net["gain"]
         label = f"{name} {report['networks'][name]['arch']} λ={report['networks'][name]['lambda']}"
         lines.append(f"{label:<28} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                      f"{fmt(g['mean'], '+.2f') + ' ± ' + fmt(g['se']):>16}  {g['verdict']}")
-    per_seed = [f"  {r['mode']:<11} seed {r['seed']}: a {r['final_top1']['a']:.2f}  b {r['final_top1']['b']:.2f}"
+    per_seed = [f"  {r['mode']:<11} seed {r['seed']}: " + "  ".join(f"{n} {v:.2f}" for n, v in r["final_top1"].items())
                 + ("  (reused)" if r["reused"] else "") for r in report["runs"]]
     return "\n".join(lines + ["per run:"] + per_seed)
 
@@ -79,8 +78,9 @@ def plot(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     colours = {"mokd": "tab:red", "independent": "tab:blue"}
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, name in zip(axes, NETWORKS):
+    names = list(report["networks"])
+    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for axis, name in zip(axes[0], names):
         for record in report["runs"]:
             steps, values = zip(*record["knn_curve"][name]) if record["knn_curve"][name] else ((), ())
             axis.plot(steps, values, "o-", color=colours[record["mode"]], alpha=0.45, markersize=3,

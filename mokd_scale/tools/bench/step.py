@@ -3,13 +3,13 @@
     mokd-bench step [--config tiny_cpu] [--set KEY=VALUE ...] [--zero 0|1|2|3]
                                [--nproc 2] [--steps 10] [--warmup 2] [--rounds 2] [--out FILE]
 
-"ours" is Coordinator.train_step over two Learners (DeepSpeed engines, fp32 EMA teachers), exactly
-what mokd-train runs. "ddp" is the authors' way of running the same math: both students wrapped in
-torch DDP, both forwards, one backward of the summed losses, torch optimizers. Everything but the
-engine and that order is the project's own code in both loops (loss terms, clipping, optimizers,
-EMA, centres; tests/test_bench_loops.py checks they give the same losses and weights), and both
-get the same crops (pre-built synthetic micro-batches, so the data pipeline is not timed; see
-`mokd-bench data` for that).
+"ours" is train.step.Step over the recipe's Learners (DeepSpeed engines, fp32 EMA teachers), exactly
+what mokd-train runs. "ddp" is the authors' way of running the same math: the students wrapped in
+torch DDP, all forwards, one backward of the summed losses, torch optimizers. It is assembled from the
+same pieces as a Learner (build_student_and_teacher, parameter groups, optimizer, apply_schedule,
+GradientGate, TeacherEMA, Centers) and the same Objective, so only the engine and the order differ
+(tests/test_bench_loops.py checks they give the same losses and weights), and both get the same crops
+(pre-built synthetic micro-batches, so the data pipeline is not timed; see `mokd-bench data` for that).
 
 Model FLOPs are counted, not estimated: torch.utils.flop_counter.FlopCounterMode over one
 micro-batch on the meta device (no memory, exact shapes): both teachers' forwards on the global
@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from mokd_scale.runtime import dist
-from mokd_scale.config import NETWORKS, PARTNER, Config, add_set_argument, load_config, validate_world_size
+from mokd_scale.config import Config, add_set_argument, load_config, validate_world_size
 from mokd_scale.runtime.profiling import phase
 
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
@@ -65,10 +65,11 @@ def add_recipe_args(parser: argparse.ArgumentParser, default_config: str = "tiny
     parser.add_argument("--out", default="", help="write the JSON result here instead of stdout")
 
 
-def recipe_overrides(config_sets: list[str], zero: int | None) -> list[str]:
+def recipe_overrides(config_sets: list[str], zero: int | None, config_name: str = "tiny_cpu") -> list[str]:
     overrides = list(BENCH_DEFAULTS)
     if zero is not None:
-        overrides += [f"networks.{name}.deepspeed={ZERO_CONFIGS[zero]}" for name in NETWORKS]
+        names = list(load_config(config_name, list(BENCH_DEFAULTS) + list(config_sets)).networks)
+        overrides += [f"networks.{name}.deepspeed={ZERO_CONFIGS[zero]}" for name in names]
     return overrides + list(config_sets)
 
 
@@ -252,32 +253,30 @@ def mokd_step_flops(config: Config) -> dict:
     """FLOPs of one micro-batch of the MOKD step, counted on the meta device (see module doc)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mokd_scale.method.losses import Centers
+    from mokd_scale.method.centers import Centers
+    from mokd_scale.method.forward import student_forward, teacher_forward
+    from mokd_scale.method.objective import Objective, uses_search_heads
+    from mokd_scale.method.terms import Side
     from mokd_scale.models import build_network
-    from mokd_scale.method.terms import network_losses, teacher_forward
 
-    independent = config.mokd.mode == "independent"
     data, batch = config.data, config.train.micro_batch_size
+    objective = Objective(config)
     with torch.device("meta"):
         # Built as teachers: no checkpointing (recomputation is hardware work, not model work).
-        networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in NETWORKS}
-        centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum, with_search=not independent)
-                   for name in NETWORKS}
+        networks = {name: build_network(config, name, teacher=True).requires_grad_(True) for name in config.networks}
+        centers = {name: Centers(config.mokd.out_dim, config.mokd.center_momentum,
+                                 with_search=uses_search_heads(config)) for name in config.networks}
         crops = [torch.empty(batch, 3, data.global_crop_size, data.global_crop_size) for _ in range(2)]
         crops += [torch.empty(batch, 3, data.local_crop_size, data.local_crop_size)
                   for _ in range(data.num_local_crops)]
     counter = FlopCounterMode(display=False)
     with counter:
-        teachers = {name: teacher_forward(net, crops[:2]) for name, net in networks.items()}
+        sides = {name: Side(teacher_forward(net, crops[:2]), net, centers[name]) for name, net in networks.items()}
     flops = {"teachers_forward": counter.get_total_flops()}
-    for name, partner in PARTNER.items():
+    for name, network in networks.items():
         counter = FlopCounterMode(display=False)
         with counter:
-            terms = network_losses(networks[name], crops, teachers[name], None if independent else teachers[partner],
-                                   None if independent else networks[partner], centers[name],
-                                   None if independent else centers[partner], 0.04, 0.1,
-                                   getattr(config.networks, name).lambda_cross)
-            terms.total.backward()
+            objective(name, student_forward(network, crops), sides, 0.04).total.backward()
         flops[f"student_{name}_fwd_bwd_and_cross_targets"] = counter.get_total_flops()
     total = sum(flops.values())
     return {"method": "FlopCounterMode on the meta device, one micro-batch: teachers' forwards + each student's "
@@ -288,30 +287,28 @@ def mokd_step_flops(config: Config) -> dict:
 # ---------------------------------------------------------------- the two loops
 
 class OurStep:
-    """The real thing: Coordinator.train_step over two Learners."""
+    """The real thing: train.step.Step over the recipe's Learners, as mokd-train builds them."""
 
     name = "ours"
 
     def __init__(self, config: Config, info: dist.DistInfo):
-        from mokd_scale.train.step import Coordinator
-        from mokd_scale.engine.learner import Learner
-        from mokd_scale.models import pair_search_dim
+        from mokd_scale.method.objective import Objective
+        from mokd_scale.train.loop import build_learners
         from mokd_scale.train.schedules import Schedules
+        from mokd_scale.train.step import Step
 
-        torch.manual_seed(config.seed)
-        search_dim = pair_search_dim(config)
-        self.learners = {name: Learner(name, config, search_dim, info.device, info.world_size) for name in NETWORKS}
-        self.coordinator = Coordinator(config, self.learners, Schedules.build(config), info.device)
+        self.learners = build_learners(config, info)
+        self.train_step = Step(self.learners, Objective(config), Schedules.build(config), config)
 
     def dtype(self) -> torch.dtype:
-        return self.learners["a"].dtype
+        return next(iter(self.learners.values())).dtype
 
     def zero_stages(self) -> dict[str, int]:
         return {name: learner.zero_stage for name, learner in self.learners.items()}
 
     def step(self, step: int, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
         """One optimizer step; returns each network's loss terms and total, as DdpStep.step."""
-        return self.coordinator.train_step(step, micro_batches).terms
+        return self.train_step(step, micro_batches).terms
 
 
 class MultiCropStudent(nn.Module):
@@ -324,118 +321,110 @@ class MultiCropStudent(nn.Module):
         self.compute_dtype = compute_dtype
 
     def forward(self, crops):
-        from mokd_scale.method.terms import student_forward
+        from mokd_scale.method.forward import student_forward
         return student_forward(self.network, crops, self.compute_dtype)
 
 
+class DdpNetwork:
+    """One network of the DDP loop: a Learner's pieces around a torch DDP student instead of an engine."""
+
+    def __init__(self, name: str, config: Config, search_dim: int, info: dist.DistInfo):
+        from mokd_scale.config import search_head_schedule_owner
+        from mokd_scale.engine.deepspeed_config import resolve_precision
+        from mokd_scale.engine.ema import TeacherEMA
+        from mokd_scale.engine.gradients import GradientGate
+        from mokd_scale.engine.learner import build_student_and_teacher
+        from mokd_scale.engine.optim import LAST_LAYER, build_optimizer, parameter_groups
+        from mokd_scale.method.centers import Centers
+        from mokd_scale.method.objective import uses_search_heads
+
+        self.name, self.net_cfg = name, config.networks[name]
+        self.dtype = resolve_precision(self.net_cfg.precision, info.device)
+        self.search_head_owner = search_head_schedule_owner(config, name)
+        network, self.teacher = build_student_and_teacher(config, name, search_dim, info.device, info.world_size,
+                                                          self.dtype)
+        network.to(info.device)
+        groups = parameter_groups(network, self.net_cfg.search_head_schedule)
+        self.optimizer = build_optimizer(self.net_cfg, groups)
+        self.gradients = GradientGate(self.optimizer, [list(g["params"]) for g in groups], self.net_cfg.clip_grad,
+                                      self.net_cfg.clip_mode == "per_tensor", LAST_LAYER)
+        self.ema = TeacherEMA(self.teacher, network, zero_stage=0)
+        device_ids = [info.device] if info.device.type == "cuda" else None
+        self.student = nn.parallel.DistributedDataParallel(MultiCropStudent(network, self.dtype), device_ids=device_ids)
+        self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum,
+                               with_search=uses_search_heads(config)).to(info.device)
+
+
 class DdpStep:
-    """The authors' engine and ordering around our math: torch DDP students, both teachers' and both
-    students' forwards, then one backward of L_A + L_B, torch optimizers. Everything else is the
-    project's own code, so that only engine and order differ from OurStep: the loss terms
-    (mokd_terms.teacher_forward / student_losses), clipping and the frozen last layer
-    (GradientGate, or a global norm as DeepSpeed does), the optimizers (learner.build_optimizer),
-    the EMA (TeacherEMA) and the centres."""
+    """The authors' engine and ordering around the project's pieces: torch DDP students, every teacher's and
+    every student's forward, then one backward of the summed losses, torch optimizers (module doc)."""
 
     name = "ddp"
 
     def __init__(self, config: Config, info: dist.DistInfo):
-        from mokd_scale.train.step import PARTNER
-        from mokd_scale.engine.ema import TeacherEMA
-        from mokd_scale.engine.gradients import GradientGate
-        from mokd_scale.engine.learner import (LAST_LAYER, build_optimizer, make_teacher, parameter_groups,
-                                        resolve_precision)
-        from mokd_scale.method.losses import Centers
-        from mokd_scale.models import build_network, pair_search_dim
-        from mokd_scale.method.terms import loss_terms
+        from mokd_scale.method.objective import Objective
+        from mokd_scale.models import pair_search_dim
         from mokd_scale.train.schedules import Schedules
 
-        torch.manual_seed(config.seed)
-        self.config, self.device, self.partner = config, info.device, PARTNER
-        self.schedules = Schedules.build(config)
-        self.independent = config.mokd.mode == "independent"
-        self.term_names = (*loss_terms(config.mokd.mode), "loss")
-        search_dim = None if self.independent else pair_search_dim(config)
-        self.students, self.teachers, self.optimizers, self.gates = {}, {}, {}, {}
-        self.centers, self.dtypes, self.emas = {}, {}, {}
-        for name in NETWORKS:
-            net_cfg = getattr(config.networks, name)
-            network = build_network(config, name, search_dim=search_dim)
-            teacher = make_teacher(config, name, network, search_dim)
-            if info.device.type == "cuda" and info.world_size > 1:
-                network = nn.SyncBatchNorm.convert_sync_batchnorm(network)  # as DINO does with BatchNorm
-                teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-            network.to(info.device)
-            self.teachers[name] = teacher.to(info.device)
-            self.dtypes[name] = resolve_precision(net_cfg.precision, info.device)
-            groups = parameter_groups(network, net_cfg.search_head_schedule)
-            self.optimizers[name] = build_optimizer(net_cfg, groups)
-            self.gates[name] = GradientGate(self.optimizers[name], [list(g["params"]) for g in groups],
-                                            net_cfg.clip_grad, net_cfg.clip_mode == "per_tensor", LAST_LAYER)
-            self.emas[name] = TeacherEMA(self.teachers[name], network, zero_stage=0)
-            device_ids = [info.device] if info.device.type == "cuda" else None
-            self.students[name] = nn.parallel.DistributedDataParallel(
-                MultiCropStudent(network, self.dtypes[name]), device_ids=device_ids)
-            self.centers[name] = Centers(config.mokd.out_dim, config.mokd.center_momentum,
-                                         with_search=not self.independent).to(info.device)
+        torch.manual_seed(config.seed)  # as build_learners: the same initial weights as ours
+        search_dim = pair_search_dim(config)
+        self.config, self.device = config, info.device
+        self.schedules, self.objective = Schedules.build(config), Objective(config)
+        self.networks = {name: DdpNetwork(name, config, search_dim, info) for name in config.networks}
 
     def dtype(self) -> torch.dtype:
-        return self.dtypes["a"]
-
-    def apply_schedule(self, values: dict, frozen: bool) -> None:
-        """As Learner.apply_schedule: the group owner's lr / wd, and the frozen last layer to the gate."""
-        for name, optimizer in self.optimizers.items():
-            for group in optimizer.param_groups:
-                owner = self.partner[name] if group.get("schedule") == "partner" else name
-                group["lr"] = values[f"lr.{owner}"]
-                group["weight_decay"] = values[f"wd.{owner}"] if group.get("apply_weight_decay") else 0.0
-            self.gates[name].begin_step(freeze_last_layer=frozen)
+        return next(iter(self.networks.values())).dtype
 
     def step(self, step: int, micro_batches: list[dict]) -> dict[str, torch.Tensor]:
-        """One optimizer step; returns each network's loss terms and total (term_names order), summed
-        over micro-batches, on the device like Coordinator's StepStats.terms."""
+        """One optimizer step; returns each network's loss terms and total (term order), summed over
+        micro-batches, on the device like Step's StepRecord.terms."""
+        from mokd_scale.engine.optim import apply_schedule
+
         values = self.schedules.at(step)
-        self.apply_schedule(values, self.schedules.last_layer_frozen(step))
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
+        for name, net in self.networks.items():
+            apply_schedule(net.optimizer.param_groups, values, name, net.search_head_owner)
+            net.gradients.begin_step(freeze_last_layer=values.last_layer_frozen)
+            net.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         for index, batch in enumerate(micro_batches):
-            last = index == len(micro_batches) - 1
             with contextlib.ExitStack() as stack:
-                if not last:  # gradient accumulation: all-reduce only on the last micro-batch
-                    for student in self.students.values():
-                        stack.enter_context(student.no_sync())
+                if index < len(micro_batches) - 1:  # gradient accumulation: all-reduce only on the last micro-batch
+                    for net in self.networks.values():
+                        stack.enter_context(net.student.no_sync())
                 for name, terms in self.micro_step(batch, values, len(micro_batches)).items():
                     sums[name] = terms if name not in sums else sums[name] + terms
-        for name, optimizer in self.optimizers.items():
-            net_cfg = getattr(self.config.networks, name)
-            if net_cfg.clip_mode == "global" and net_cfg.clip_grad > 0:  # as the engine does; per tensor: the gate
+        for name, net in self.networks.items():
+            if net.net_cfg.clip_mode == "global" and net.net_cfg.clip_grad > 0:  # as the engine does
                 with phase("grad_clip"):
-                    torch.nn.utils.clip_grad_norm_(self.students[name].parameters(), net_cfg.clip_grad)
+                    torch.nn.utils.clip_grad_norm_(net.student.parameters(), net.net_cfg.clip_grad)
             with phase("optimizer"):
-                optimizer.step()  # the gate's pre-hook clips per tensor and refuses non-finite gradients
-            if self.gates[name].non_finite:
+                net.optimizer.step()  # the gate's pre-hook clips per tensor and refuses non-finite gradients
+            if net.gradients.non_finite:
                 raise FloatingPointError(f"non-finite gradient in network {name} at step {step}")
-        for name in self.students:
+        for net in self.networks.values():
             with phase("centers"):
-                self.centers[name].update()
+                net.centers.update()
             with phase("ema"):
-                self.emas[name].update(values["teacher_momentum"])
+                net.ema.update(values.teacher_momentum)
         return sums
 
-    def micro_step(self, batch: dict, values: dict, accumulation: int) -> dict[str, torch.Tensor]:
+    def micro_step(self, batch: dict, values, accumulation: int) -> dict[str, torch.Tensor]:
         from mokd_scale.data import normalize_crops
-        from mokd_scale.method.terms import teacher_forward
+        from mokd_scale.method.forward import teacher_forward
+        from mokd_scale.method.terms import Side
 
         crops = normalize_crops(batch["crops"], self.device, torch.float32, self.config.data.mean,
                                 self.config.data.std)
-        targets = {}
-        for name, teacher in self.teachers.items():
-            teacher.train()  # batch statistics in BatchNorm, like the student sees (as Coordinator)
+        sides = {}
+        for name, net in self.networks.items():
+            net.teacher.train()  # batch statistics in BatchNorm, like the student sees (as Learner)
             with phase("teacher_forward"):
-                targets[name] = teacher_forward(teacher, crops[:2], compute_dtype=self.dtypes[name])
+                sides[name] = Side(teacher_forward(net.teacher, crops[:2], compute_dtype=net.dtype), net.teacher,
+                                   net.centers)
         with phase("student_forward"):
-            outputs = {name: student(crops) for name, student in self.students.items()}
-        terms = {name: self.network_terms(name, outputs[name], targets, values) for name in self.students}
+            outputs = {name: net.student(crops) for name, net in self.networks.items()}
+        terms = {name: self.objective(name, outputs[name], sides, values.networks[name].teacher_temperature,
+                                      net.dtype) for name, net in self.networks.items()}
         loss = sum(t.total for t in terms.values()) / accumulation
         with phase("finite_check"):
             if not math.isfinite(loss.item()):  # the authors' per-rank check
@@ -443,21 +432,10 @@ class DdpStep:
         with phase("student_backward"):
             loss.backward()
         with phase("centers"):
-            for name, outputs_of in targets.items():
-                self.centers[name].accumulate(outputs_of.proj, outputs_of.search)
-        return {name: torch.stack([getattr(t, term).detach().float() for term in self.term_names[:-1]]
+            for name, side in sides.items():
+                side.centers.accumulate(side.targets.proj, side.targets.search)
+        return {name: torch.stack([t.values[term].detach().float() for term in self.objective.term_names]
                                   + [t.total.detach().float()]) for name, t in terms.items()}
-
-    def network_terms(self, name: str, student_out, targets: dict, values: dict):
-        """network_losses() of a student output already in hand (both forwards ran first)."""
-        from mokd_scale.method.terms import student_losses
-
-        partner = None if self.independent else self.partner[name]
-        return student_losses(
-            student_out, targets[name], targets.get(partner), self.teachers[partner] if partner else None,
-            self.centers[name], self.centers[partner] if partner else None, values[f"teacher_temperature.{name}"],
-            self.config.mokd.student_temperature, getattr(self.config.networks, name).lambda_cross,
-            self.dtypes[name])
 
 
 # ---------------------------------------------------------------- timing
@@ -518,7 +496,7 @@ class StepBench:
 
     def __init__(self, args, info: dist.DistInfo):
         self.args, self.info = args, info
-        self.overrides = recipe_overrides(args.set, args.zero)
+        self.overrides = recipe_overrides(args.set, args.zero, args.config)
         self.config = bench_config(args.config, self.overrides, info.world_size, args.accumulation)
         self.per_step = args.accumulation
         self.pool = bench_micro_batches(self.config, info, min(self.per_step * (args.warmup + args.steps), args.pool))
