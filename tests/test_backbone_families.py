@@ -171,6 +171,13 @@ def test_family_that_cannot_work_stops_with_a_config_error_naming_the_key(arch, 
     assert message.startswith(key) and why in message, message
 
 
+def test_compile_of_a_family_it_cannot_split_stops_in_the_check():
+    arch, kwargs, crops, *_ = FAMILIES["swin"]
+    check_networks(family_config(arch, kwargs, crops))
+    with pytest.raises(ConfigError, match=r"^train\.compile: .*swin.*train\.compile=false"):
+        check_networks(family_config(arch, kwargs, crops, "train.compile=true"))
+
+
 def test_hrnet_is_not_blamed_for_arch_kwargs_it_does_not_have():
     """Reported: HRNet stopped with advice to reset its (empty) arch_kwargs, while the cause was the
     drop_path_rate the package passed; the recipe default (0.1) now builds."""

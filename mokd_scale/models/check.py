@@ -17,6 +17,7 @@ import torch
 from mokd_scale.config import NETWORKS, Config, ConfigError
 from mokd_scale.models.backbone import (Backbone, UnsupportedBackbone, backbone_kind, create_timm_model, model_facts,
                                         native_image_size, timm_kwargs)
+from mokd_scale.models.compile import backbone_blocks
 from mokd_scale.models.network import build_network, pair_search_dim
 from timm.models import is_model
 
@@ -30,7 +31,9 @@ CROP_FIELDS = ("global_crop_size", "local_crop_size")
 
 def check_networks(config: Config) -> None:
     for name in NETWORKS:
-        check_backbone(getattr(config.networks, name), f"networks.{name}", config.data)
+        backbone = check_backbone(getattr(config.networks, name), f"networks.{name}", config.data)
+        if config.train.compile:
+            check_compile(backbone, f"networks.{name}")
     search_dim = checked_search_dim(config)
     for name in NETWORKS:
         try:
@@ -40,12 +43,22 @@ def check_networks(config: Config) -> None:
             raise ConfigError(f"networks.{name} cannot be built with this recipe: {first_line(error)}") from None
 
 
-def check_backbone(net, key: str, data) -> None:
-    """The backbone of `net` builds as MOKD builds it and gives a token grid at both crop sizes of `data`."""
+def check_backbone(net, key: str, data) -> Backbone:
+    """The backbone of `net` builds as MOKD builds it and gives a token grid at both crop sizes of `data`;
+    returns it (on the meta device)."""
     check_build(net, key)
     backbone = checked_backbone(net, key)
     for field in CROP_FIELDS:
         check_crop(backbone, net, key, field, getattr(data, field))
+    return backbone
+
+
+def check_compile(backbone: Backbone, key: str) -> None:
+    """train.compile knows how to split this backbone into regions (else the Learner would stop later)."""
+    try:
+        backbone_blocks(backbone)
+    except ValueError as error:
+        raise ConfigError(f"train.compile: {first_line(error)} ({key})") from None
 
 
 def check_build(net, key: str) -> None:
