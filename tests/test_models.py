@@ -194,7 +194,7 @@ def test_pair_search_dim_rules():
     assert pair_search_dim(small_config()) == 192
     assert pair_search_dim(small_config(**{"mokd.search_dim": 256})) == 256
     two_cnns = small_config(**{"networks.a.arch": "resnet18", "networks.a.arch_kwargs": "{}"})
-    with pytest.raises(ValueError, match="no network is a ViT"):
+    with pytest.raises(ValueError, match="no network is a token model"):
         pair_search_dim(two_cnns)
     with pytest.raises(ValueError, match="multiple of"):
         build_network(two_cnns, "a", search_dim=100)

@@ -35,12 +35,14 @@ def compile_regions(network: nn.Module, **options) -> list[nn.Module]:
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """ViT: its transformer blocks. ResNet family (timm `layer1`..`layer4`): its residual blocks."""
+    """Token model (ViT, DeiT, EVA): its transformer `blocks`. ResNet family (timm `layer1`..`layer4`):
+    its residual blocks. Other families are not split into regions (yet)."""
     model = backbone.model
-    if backbone.is_vit:
-        return list(model.blocks)
+    blocks = getattr(model, "blocks", None)
+    if backbone.is_token_model and isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        return list(blocks)
     stages = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
     if all(isinstance(stage, nn.Sequential) for stage in stages):
         return [block for stage in stages for block in stage]
-    raise ValueError(f"train.compile knows ViT blocks and ResNet stages (layer1..layer4), not {backbone.arch}: "
-                     "set train.compile=false for this architecture")
+    raise ValueError(f"train.compile knows the transformer blocks of token models and ResNet stages (layer1..layer4), "
+                     f"not {backbone.arch}: set train.compile=false for this architecture")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mokd_scale.method.objective import uses_search_heads
-from mokd_scale.models.backbone import Backbone, create_timm_model, is_vit_arch, token_grid
+from mokd_scale.models.backbone import Backbone, backbone_kind, token_grid
 from mokd_scale.models.last_layer import LAST_LAYER_PARAMETERS
 from mokd_scale.models.projection_head import ProjectionHead
 from mokd_scale.models.search_head import SearchHead
@@ -84,35 +84,32 @@ def build_network(config, name: str, teacher: bool = False, search_dim: int | No
         search_head = SearchHead(
             backbone.token_dim, search_dim, mokd_cfg.search_depth, search_heads(search_dim, mokd_cfg),
             mokd_cfg.out_dim, base_grid=token_grid(net_cfg.arch, net_cfg.arch_kwargs, config.data.global_crop_size),
-            summary_is_pooled=backbone.is_vit, freeze_scale=net_cfg.search_freeze_scale,
+            summary_is_pooled=backbone.has_class_token, freeze_scale=net_cfg.search_freeze_scale,
             l2_normalize=mokd_cfg.search_l2_normalize)
     return MokdNetwork(backbone, projection_head, search_head)
 
 
 def search_heads(search_dim: int, mokd_cfg) -> int:
     if search_dim % mokd_cfg.search_head_dim != 0:
-        raise ValueError(f"search width {search_dim} (mokd.search_dim or the ViT's width) is not a multiple of "
+        raise ValueError(f"search width {search_dim} (mokd.search_dim or the token model's width) is not a multiple of "
                          f"mokd.search_head_dim={mokd_cfg.search_head_dim}")
     return search_dim // mokd_cfg.search_head_dim
 
 
 def pair_search_dim(cfg) -> int:
     """The search heads' shared width D (every network queries every other's head): mokd.search_dim, or
-    else the width of the recipe's ViTs (0 without search heads: one network, or independent mode)."""
+    else the width of the recipe's token models (ViT, DeiT, EVA: a (B, N, C) token sequence), whose
+    tokens then need no projection (0 without search heads: one network, or independent mode)."""
     if not uses_search_heads(cfg):
         return 0
     if cfg.mokd.search_dim > 0:
         return cfg.mokd.search_dim
-    widths = {vit_width(net) for net in cfg.networks.values() if is_vit_arch(net.arch)}
+    kinds = [backbone_kind(net.arch, net.arch_kwargs) for net in cfg.networks.values()]
+    widths = {kind.token_dim for kind in kinds if kind.is_token_model}
     if not widths:
-        raise ValueError("no network is a ViT: set mokd.search_dim (e.g. 768) to give the search heads a "
-                         "shared width")
+        raise ValueError("no network is a token model (ViT, DeiT, EVA): set mokd.search_dim (e.g. 768) to give "
+                         "the search heads a shared width")
     if len(widths) > 1:
-        raise ValueError(f"the ViTs have different widths {sorted(widths)}: set mokd.search_dim to the "
-                         f"width every search head shares (e.g. --set mokd.search_dim={max(widths)})")
+        raise ValueError(f"the token models (ViTs) have different widths {sorted(widths)}: set mokd.search_dim "
+                         f"to the width every search head shares (e.g. --set mokd.search_dim={max(widths)})")
     return widths.pop()
-
-
-def vit_width(net_cfg) -> int:
-    with torch.device("meta"):  # no memory, no init cost: only the width is needed
-        return create_timm_model(net_cfg.arch, net_cfg.arch_kwargs, 0.0).num_features

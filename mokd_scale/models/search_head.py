@@ -37,9 +37,9 @@ class SearchHead(nn.Module):
                  l2_normalize: bool = False, mlp_ratio: float = 4.0):
         super().__init__()
         if dim % num_heads != 0:
-            raise ValueError(f"search width {dim} (mokd.search_dim or the ViT's width) is not divisible into "
+            raise ValueError(f"search width {dim} (mokd.search_dim or the token model's width) is not divisible into "
                              f"{num_heads} heads (mokd.search_head_dim)")
-        # A ViT already of width D needs no projection; a CNN's 1x1 projection keeps the default
+        # Tokens already of width D (the pair's token model) need no projection; a 1x1 projection keeps the default
         # (Kaiming-uniform) initialisation of a convolution.
         self.channel_proj = nn.Identity() if token_dim == dim else nn.Linear(token_dim, dim)
         self.base_grid = tuple(base_grid)
@@ -68,7 +68,8 @@ class SearchHead(nn.Module):
 
     def summary(self, pooled: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """The D-wide query this network sends to its partner (always detached).
-        ViT: its class token after the final norm; CNN: the mean of its projected tokens."""
+        A class-token model (ViT): its class token after the final norm; any other backbone (CNN,
+        Swin, a ViT without class token): the mean of its projected tokens."""
         if self.summary_is_pooled:
             return self.channel_proj(pooled).detach()
         return projected.mean(dim=1).detach()
