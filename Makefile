@@ -13,7 +13,7 @@ export MPLBACKEND ?= Agg
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test fashion-mnist clean-venv
+.PHONY: setup demo test test-unit fashion-mnist clean-venv
 
 setup: $(STAMP) $(WARM)
 
@@ -37,6 +37,10 @@ demo: setup fashion-mnist
 
 test: setup
 	$(PY) -m pytest -q --durations=15 tests
+
+# The fast unit tests only (no process started, no training run; pytest.ini's integration marker).
+test-unit: setup
+	$(PY) -m pytest -q -m "not integration" tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,6 +7,9 @@ import torch
 
 from tests.dist_harness import run_on_ranks
 from tests.test_bench import TINY
+import pytest
+
+pytestmark = pytest.mark.integration
 
 STEPS = 2
 

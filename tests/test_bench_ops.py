@@ -8,6 +8,9 @@ from mokd_scale.runtime.profiling import phase
 from mokd_scale.tools.bench.ops import OperatorCounter, is_host_sync, kind_of
 from tests.dist_harness import run_on_ranks
 from tests.test_bench import TINY, run_bench
+import pytest
+
+pytestmark = pytest.mark.integration
 
 aten = torch.ops.aten
 

@@ -13,6 +13,8 @@ import torch
 from tests.dist_harness import run_on_ranks
 from tests.test_training import REPO, metrics, photo_shards, teacher_weights  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.integration
+
 COHORT = ["data.source=synthetic", "train.global_batch_size=8", "train.micro_batch_size=4",
           "data.samples_per_epoch=80", "train.log_every=1", "train.checkpoint_every=1000", "mokd.out_dim=128",
           "data.synthetic_image_size=36", "data.workers=0", "train.steps=3", "mokd.term_weights={koleo: 0.1}"]

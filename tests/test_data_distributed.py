@@ -10,6 +10,9 @@ import torch.distributed as dist
 from mokd_scale.data import build_eval_loader, build_train_loader
 from tests.dist_harness import run_on_ranks
 from tests.test_data_pipeline import shard_config, tiny_data_cfg, write_photo_shards
+import pytest
+
+pytestmark = pytest.mark.integration
 
 
 def allow_dataloader_workers() -> None:

@@ -423,6 +423,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 def test_loader_workers_end_with_their_rank():
     """A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
     output closes, and a live worker holds it open. Left alone, a busy worker (large images here)

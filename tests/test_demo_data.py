@@ -115,6 +115,7 @@ class Pixels(torch.nn.Module):
         return images.flatten(1)
 
 
+@pytest.mark.integration
 def test_prepared_folder_through_make_shards_and_the_knn_probe(tmp_path):
     """The demo's data path end to end: labels survive folder -> shards -> eval loader -> k-NN."""
     from mokd_scale.config import load_config

@@ -56,6 +56,7 @@ def all_reduce_rank_values(rank, world_size):
     return total.item(), gathered.tolist(), mdist.any_rank(rank == 1, torch.device("cpu"))
 
 
+@pytest.mark.integration
 def test_two_ranks_all_reduce_and_gather():
     total, gathered, any_flag = run_on_ranks(all_reduce_rank_values, world_size=2, timeout=60)
     assert total == 3.0
@@ -70,6 +71,7 @@ def hang_on_rank_one(rank, world_size):
     dist.barrier()
 
 
+@pytest.mark.integration
 def test_hanging_rank_fails_within_timeout():
     import time
     start = time.monotonic()
@@ -93,6 +95,7 @@ def time_out_on_a_group_made_later(rank, world_size):
     return time.monotonic() - started
 
 
+@pytest.mark.integration
 def test_collective_timeout_applies_to_groups_made_later():
     waited = run_on_ranks(time_out_on_a_group_made_later, world_size=2, timeout=60, init=False)
     assert 1.0 < waited < 4.4  # torch's own default for such a group would be 30 min
@@ -104,6 +107,7 @@ def raise_on_rank_one(rank, world_size):
     return rank
 
 
+@pytest.mark.integration
 def test_failing_rank_reports_its_traceback():
     with pytest.raises(RankFailed, match="boom on rank one"):
         run_on_ranks(raise_on_rank_one, world_size=2, timeout=30)

@@ -146,6 +146,7 @@ def train_one_step_and_save(rank, world_size, out_dir):
     return students
 
 
+@pytest.mark.integration
 def test_student_export_from_real_zero3_and_zero2_checkpoints(tmp_path):
     from tests.dist_harness import run_on_ranks
 

@@ -14,6 +14,8 @@ import torch
 from mokd_scale.config import load_config
 from tests.dist_harness import run_on_ranks
 
+pytestmark = pytest.mark.integration
+
 ZERO_CONFIGS = {0: "ds_configs/zero0_fp32_cpu.json", 1: "ds_configs/zero1_bf16.json",
                 2: "ds_configs/zero2_bf16.json", 3: "ds_configs/zero3_bf16.json"}
 GLOBAL_BATCH = 8

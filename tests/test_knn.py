@@ -134,6 +134,7 @@ def both_cases_on_rank(rank, world_size):
     return [gather_on_rank(rank, world_size, with_duplicate) for with_duplicate in (False, True)]
 
 
+@pytest.mark.integration
 def test_two_rank_gather_equals_one_process():
     """Uneven ranks, and a sample held by both ranks: same bank and accuracy as one process."""
     shuffled = [7, 2, 10, 0, 5, 3, 9, 1, 4, 8, 6]  # order must not matter after the sort

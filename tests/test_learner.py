@@ -46,6 +46,7 @@ def bf16_teacher_steps(rank, world_size):
     return changed_every_step, differs_from_rounded, losses, dtypes, student_dtypes, len(list(teacher.parameters()))
 
 
+@pytest.mark.integration
 def test_teacher_stays_fp32_and_moves_every_step_under_a_bf16_student():
     changed, differs, losses, dtypes, student_dtypes, count = run_on_ranks(bf16_teacher_steps, 1, timeout=300)
     assert dtypes == {torch.float32}
@@ -76,6 +77,7 @@ def ema_after_one_step(rank, world_size, deepspeed_json):
     return flat_buffers, before, after, student
 
 
+@pytest.mark.integration
 def test_ema_over_deepspeed_flat_buffers_equals_the_per_tensor_update():
     flat_buffers, before, after, student = run_on_ranks(ema_after_one_step, 1, ("ds_configs/zero2_bf16.json",),
                                                          timeout=300)

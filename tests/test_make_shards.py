@@ -232,6 +232,7 @@ def _pick_middle_shard_file(root) -> tuple[str, int, int]:
     raise AssertionError("no name lands in a middle shard")
 
 
+@pytest.mark.integration
 def test_killed_conversion_resumes_to_the_same_bytes(tmp_path):
     """A real SIGKILL: a named pipe stands in for an image on a hung file system, so the
     process is deterministically stuck inside a middle shard when it is killed."""

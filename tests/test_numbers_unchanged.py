@@ -1,15 +1,49 @@
 """The restructurings keep every number: fixed-seed runs give the per-step losses recorded before
 the method became data (tests/fixtures/numbers.json, written by tests/fixtures/record_numbers.py
 through the command line), and a checkpoint written by that version resumes to the losses its own
-straight run logged."""
+straight run logged. All runs go through the mokd-train entry point, in one rank process with the
+recording's two threads (fewer threads change float sums by ~1e-5)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
+from tests.dist_harness import run_on_ranks
 from tests.fixtures import record_numbers as recorded
+
+pytestmark = pytest.mark.integration
+V1_RUN = "resumed_v1_checkpoint"
+
+
+def train_all(rank, world_size, out: Path) -> dict[str, list[dict]]:
+    import torch
+
+    from mokd_scale.train import main
+    torch.set_num_threads(2)
+    shutil.copytree(recorded.V1_CHECKPOINT / "step_00000002", out / V1_RUN / "checkpoints" / "step_00000002")
+    (out / V1_RUN / "checkpoints" / "latest").write_text("step_00000002\n")
+    runs = {name: [*recorded.RUNS[name], "--resume", "none"] for name in sorted(recorded.RUNS)}
+    runs[V1_RUN] = [*recorded.SMALL, "--resume", "auto"]
+    logged = {}
+    for name, extra in runs.items():
+        sets, resume = extra[:-2], extra[-1]
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            code = main(["--config", "tiny_cpu", "--resume", resume, "--set", *recorded.COMMON, *sets,
+                         f"output_dir={out / name}"])
+        assert code == 0, f"{name} exited {code}:\n{output.getvalue()[-3000:]}"
+        logged[name] = recorded.losses(out / name)
+    return logged
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory) -> dict[str, list[dict]]:
+    return run_on_ranks(train_all, 1, (tmp_path_factory.mktemp("numbers"),), timeout=600)
 
 
 def assert_same_losses(expected: list[dict], got: list[dict], what: str) -> None:
@@ -21,15 +55,11 @@ def assert_same_losses(expected: list[dict], got: list[dict], what: str) -> None
 
 
 @pytest.mark.parametrize("run", sorted(recorded.RUNS))
-def test_fixed_seed_runs_give_the_recorded_losses(tmp_path, run):
+def test_fixed_seed_runs_give_the_recorded_losses(logged, run):
     expected = json.loads(recorded.NUMBERS.read_text())["losses"][run]
-    assert_same_losses(expected, recorded.run_recorded(run, tmp_path), run)
+    assert_same_losses(expected, logged[run], run)
 
 
-def test_a_checkpoint_of_the_previous_version_resumes(tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(recorded.V1_CHECKPOINT / "step_00000002", out / "checkpoints" / "step_00000002")
-    (out / "checkpoints" / "latest").write_text("step_00000002\n")
-    assert recorded.train([*recorded.COMMON, *recorded.SMALL, f"output_dir={out}"], resume="auto") == 0
+def test_a_checkpoint_of_the_previous_version_resumes(logged):
     expected = json.loads((recorded.V1_CHECKPOINT / "losses.json").read_text())
-    assert_same_losses(expected, recorded.losses(out), "resumed from the v1 checkpoint")
+    assert_same_losses(expected, logged[V1_RUN], "resumed from the v1 checkpoint")

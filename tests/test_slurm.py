@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_UP = REPO / "tests" / "slurm" / "cluster_up.sh"
 CLUSTER_DOWN = REPO / "tests" / "slurm" / "cluster_down.sh"

@@ -82,6 +82,7 @@ def compiled_rank(rank, world_size):
     return run_steps(config), run_steps(config, compiled=("a",))
 
 
+@pytest.mark.integration
 def test_compiled_step_gives_the_eager_losses_and_weights():
     plain, compiled = run_on_ranks(compiled_rank, 1, timeout=600)
     assert_same_step(plain, compiled)
@@ -97,6 +98,7 @@ def channels_last_rank(rank, world_size):
     return plain, run_steps(config)
 
 
+@pytest.mark.integration
 def test_channels_last_cnn_step_gives_the_default_layout_losses_and_weights():
     plain, nhwc = run_on_ranks(channels_last_rank, 1, timeout=300)
     assert plain["channels_last"] == {"a": False, "b": False}
@@ -136,7 +138,7 @@ def test_compile_refuses_unknown_backbones_and_zero3():
 
     config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.b.arch=convnext_atto",
                                              "networks.b.arch_kwargs={}", "data.global_crop_size=64"])
-    with pytest.raises(ValueError, match="train.compile knows ViT blocks and ResNet"):
+    with pytest.raises(ValueError, match="train.compile knows the transformer blocks of token models and ResNet"):
         Learner("b", config, pair_search_dim(config), torch.device("cpu"), 1)
     config = load_config("tiny_cpu", TINY + ["train.compile=true", "networks.a.deepspeed=ds_configs/zero3_bf16.json"])
     with pytest.raises(ValueError, match="train.compile with ZeRO-3"):
@@ -152,6 +154,7 @@ def deepspeed_checks_rank(rank, world_size, json_path):
     return run_steps(default), run_steps(explicit)
 
 
+@pytest.mark.integration
 def test_zero2_without_deepspeeds_own_gradient_checks_gives_the_same_step(tmp_path):
     from mokd_scale.config import deepspeed_json_path
 
@@ -182,6 +185,7 @@ def nan_rank(rank, world_size):
     return None, None
 
 
+@pytest.mark.integration
 def test_a_non_finite_bf16_zero2_gradient_still_stops_the_step_unapplied():
     message, unchanged = run_on_ranks(nan_rank, 1, timeout=300)
     assert message is not None and "network a" in message

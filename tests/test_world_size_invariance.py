@@ -12,6 +12,9 @@ import torch.distributed as dist
 
 from tests.dist_harness import run_on_ranks
 from tests.test_losses import build_pair, make_crops, network_terms, sides_of, tiny_config
+import pytest
+
+pytestmark = pytest.mark.integration
 
 GLOBAL_BATCH = 8
 NUM_LOCAL = 2
