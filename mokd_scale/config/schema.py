@@ -138,11 +138,11 @@ def default_networks() -> Networks:
 class MokdConfig:
     mode: Literal["mokd", "independent"] = setting(
         "mokd", "independent: each network alone with DINO (no search heads, no cross or search terms), the baseline")
-    out_dim: int = setting(65536, "K, prototypes of both heads")
+    out_dim: int = setting(65536, "K, prototypes of every projection and search head")
     proj_hidden_dim: int = setting(2048, "projection head MLP width")
     proj_bottleneck_dim: int = setting(256, "projection head bottleneck before the last layer")
     search_depth: int = setting(3, "transformer blocks of the search head")
-    search_dim: int = setting(0, "search head width D shared by the pair (0: the ViT's width)")
+    search_dim: int = setting(0, "search head width D shared by every search head (0: the token models' width)")
     search_head_dim: int = setting(64, "channels per attention head of the search head")
     search_l2_normalize: bool = setting(False, "L2-normalise the pooled search feature before its last layer")
     term_weights: dict = setting({}, "loss-term weights over the registry's defaults (mokd_scale/method/terms.py), "
