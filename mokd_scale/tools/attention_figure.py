@@ -45,7 +45,7 @@ def draw_panel(ax, image: np.ndarray, panel: Panel) -> None:
         peak = float(panel.heat.max())
         ax.imshow(panel.heat / peak if peak > 0 else panel.heat, cmap=COLOURMAP, alpha=HEAT_ALPHA, vmin=0, vmax=1,
                   extent=(0, 1, 1, 0), interpolation="nearest")
-        lines.append(f"max {peak:.2f}")
+        lines.append(f"max {peak:.3f}")
     if panel.corner:
         lines.append(panel.corner)
     if lines:

@@ -37,7 +37,9 @@ CONTACT_SHEET_ROWS = 48
 LEGEND = {"class": "class token: the last block's softmax row of the class token over the patch tokens, per head "
                    "(teacher, eval mode).",
           "search": "X -> Y search: X's query for the boxed local crop in Y's search head, its softmax row over Y's "
-                    "global-crop grid, mean over heads and {blocks}; 'self': the weight it keeps on itself."}
+                    "global-crop grid, mean over heads and {blocks}; 'self': the weight it keeps on itself.",
+          "scale": "Each map is scaled to its own maximum ('max'); 'even': every token's weight if the row were "
+                   "uniform."}
 
 
 class VisualizeError(ValueError):
@@ -186,8 +188,11 @@ def class_token_section(subject: Subject, name: str, global_crop):
     from mokd_scale.eval.attention import class_token_attention
     from mokd_scale.tools.attention_figure import Panel, Section
 
-    maps = class_token_attention(subject.backbones[name], global_crop).maps[0].numpy()  # (heads, h, w)
-    panels = [Panel("mean of heads", maps.mean(0))] + [Panel(f"head {i + 1}", m) for i, m in enumerate(maps)]
+    backbone = subject.backbones[name]
+    maps = class_token_attention(backbone, global_crop).maps[0].numpy()  # (heads, h, w)
+    even = f"even {1 / (maps[0].size + backbone.kind.prefix_tokens):.3f}"  # every token's weight if uniform
+    panels = [Panel("mean of heads", maps.mean(0), corner=even)]
+    panels += [Panel(f"head {i + 1}", head, corner=even) for i, head in enumerate(maps)]
     return Section(f"{name} ({subject.arch[name]})\nclass token", panels, f"{name} class token")
 
 
@@ -200,8 +205,9 @@ def search_section(subject: Subject, pair: tuple, global_crop, local_views, sear
     rows = search_attention(subject.networks[searched], subject.networks[querying], global_crop,
                             local_views).query_rows(search_block)
     maps, kept = rows.maps[:, 0].mean(1).numpy(), rows.rest[:, 0].mean(1).numpy()  # mean over heads
-    panels = [Panel(f"crop {i + 1} ({where})", maps[i], boxes=((box, str(i + 1)),), corner=f"self {kept[i]:.2f}")
-              for i, (where, box) in enumerate(LOCAL_BOXES.items())]
+    even = 1 / (maps[0].size + 1)  # every token's weight (the query's included) if uniform
+    panels = [Panel(f"crop {i + 1} ({where})", maps[i], boxes=((box, str(i + 1)),),
+                    corner=f"even {even:.3f}\nself {kept[i]:.3f}") for i, (where, box) in enumerate(LOCAL_BOXES.items())]
     return Section(f"{querying} -> {searched} search\n({subject.arch[searched]} grid)", panels,
                    f"{querying} -> {searched} search")
 
@@ -211,7 +217,7 @@ def legend(subject: Subject, search_block: int | None) -> str:
     if subject.pairs:
         blocks = "over the blocks" if search_block is None else f"block {search_block} only"
         lines.append(LEGEND["search"].format(blocks=blocks))
-    return "\n".join(lines)
+    return "\n".join([*lines, LEGEND["scale"]])
 
 
 # ----------------------------------------------------------------------------------------------- run
