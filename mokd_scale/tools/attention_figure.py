@@ -6,6 +6,7 @@ queries the map belongs to drawn as boxes.
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,11 +76,9 @@ def draw_image(image: np.ndarray, sections: list[Section], title: str, legend: s
                max_columns: int = 8) -> Path:
     """One PNG: a row per section (wrapped after max_columns panels), the title on top, the legend and
     a colour bar below."""
-    plt = pyplot()
     columns = min(max_columns, max(len(section.panels) for section in sections))
     rows = rows_of(sections, columns)
-    figure, axes = plt.subplots(len(rows), columns, squeeze=False, dpi=DPI,
-                                figsize=(columns * PANEL_INCHES, len(rows) * (PANEL_INCHES + 0.15) + 0.9))
+    figure, axes = new_figure(len(rows), columns, PANEL_INCHES, gap=0.3, header=0.35, legend=legend)
     for axes_row, (label, panels) in zip(axes, rows):
         for ax, panel in zip(axes_row, panels):
             draw_panel(ax, image, panel)
@@ -87,40 +86,59 @@ def draw_image(image: np.ndarray, sections: list[Section], title: str, legend: s
             ax.axis("off")
         if label:
             axes_row[0].set_ylabel(label, fontsize=7)
-    finish(figure, title, legend, out)
-    return out
+    return finish(figure, title, legend, out)
 
 
 def draw_contact_sheet(rows: list[tuple[str, np.ndarray, list[Panel]]], title: str, legend: str, out: Path) -> Path:
     """A folder's overview: one row per image (its name as the row label), the same columns in each;
     the first row's panel titles head the columns."""
-    plt = pyplot()
     columns = max(len(panels) for _, _, panels in rows)
-    figure, axes = plt.subplots(len(rows), columns, squeeze=False, dpi=DPI,
-                                figsize=(columns * PANEL_INCHES * 0.8, len(rows) * PANEL_INCHES * 0.8 + 0.9))
+    figure, axes = new_figure(len(rows), columns, PANEL_INCHES * 0.8, gap=0.08, header=0.7, legend=legend)
     for index, (axes_row, (name, image, panels)) in enumerate(zip(axes, rows)):
         for ax, panel in zip(axes_row, panels):
             draw_panel(ax, image, panel if index == 0 else panel._replace(title=""))
         for ax in axes_row[len(panels):]:
             ax.axis("off")
         axes_row[0].set_ylabel(name, fontsize=6)
-    finish(figure, title, legend, out)
-    return out
+    return finish(figure, title, legend, out)
 
 
-def finish(figure, title: str, legend: str, out: Path) -> None:
+LEFT_INCHES = 0.45  # room for the row labels
+LEGEND_LINE_INCHES = 0.11
+BAR_INCHES = 1.4
+
+
+def legend_lines(legend: str, width_inches: float) -> list[str]:
+    """The legend wrapped to the room right of the colour bar (6-pt text: about 22 characters an inch)."""
+    room = max(30, int((width_inches - BAR_INCHES - LEFT_INCHES - 0.2) * 22))
+    return [line for paragraph in legend.splitlines() for line in textwrap.wrap(paragraph, room)]
+
+
+def new_figure(rows: int, columns: int, panel: float, gap: float, header: float, legend: str):
+    """A grid of square panels of `panel` inches, `gap` inches between rows (their titles), `header`
+    inches above them for the title, and room below for the wrapped legend."""
+    plt = pyplot()
+    width = LEFT_INCHES + columns * panel + 0.1
+    bottom = 0.25 + LEGEND_LINE_INCHES * len(legend_lines(legend, width))
+    height = header + rows * panel + (rows - 1) * gap + bottom
+    figure, axes = plt.subplots(rows, columns, squeeze=False, dpi=DPI, figsize=(width, height))
+    figure.subplots_adjust(left=LEFT_INCHES / width, right=1 - 0.1 / width, top=1 - header / height,
+                           bottom=bottom / height, wspace=0.06, hspace=gap / panel)
+    return figure, axes
+
+
+def finish(figure, title: str, legend: str, out: Path) -> Path:
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    height = figure.get_figheight()
-    figure.suptitle(title, fontsize=8)
-    figure.subplots_adjust(left=0.06, right=0.98, top=1 - 0.45 / height, bottom=0.8 / height, wspace=0.08,
-                           hspace=0.3)
-    bar = figure.add_axes([0.06, 0.18 / height, 0.16, 0.1 / height])
+    width, height = figure.get_size_inches()
+    figure.suptitle(title, fontsize=8, y=1 - 0.08 / height, va="top")
+    bar = figure.add_axes([LEFT_INCHES / width, 0.3 / height, (BAR_INCHES - 0.3) / width, 0.08 / height])
     colours = figure.colorbar(ScalarMappable(Normalize(0, 1), COLOURMAP), cax=bar, orientation="horizontal")
     colours.set_ticks([0, 1], labels=["0", "panel max"], fontsize=6)
-    figure.text(0.25, 0.08 / height, legend, fontsize=6, va="bottom", ha="left", wrap=True)
+    figure.text((LEFT_INCHES + BAR_INCHES) / width, 0.12 / height, "\n".join(legend_lines(legend, width)),
+                fontsize=6, va="bottom", ha="left")
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out)
-    import matplotlib.pyplot as plt
-    plt.close(figure)
+    pyplot().close(figure)
+    return out
