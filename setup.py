@@ -18,7 +18,7 @@ RUNTIME = [
     "safetensors>=0.4.3,<1",
 ]
 EXTRAS = {
-    # The demo's plot of loss terms and k-NN accuracy.
+    # The demo's plot of loss terms and k-NN accuracy, and mokd-visualize's pictures.
     "demo": ["matplotlib>=3.7"],
     # scikit-image ships the real photos the ImageNet-shaped test fixture is built from.
     "test": ["pytest>=7.4", "scikit-image>=0.21", "matplotlib>=3.7"],
@@ -45,5 +45,6 @@ setup(
         "mokd-demo = mokd_scale.tools.demo:main",
         "mokd-fashion-mnist = mokd_scale.tools.prepare_fashion_mnist:main",
         "mokd-plot = mokd_scale.tools.plot_metrics:main",
+        "mokd-visualize = mokd_scale.tools.visualize:main",
     ]},
 )

@@ -86,7 +86,7 @@ def test_every_console_script_answers_help_without_importing_heavy_libraries(ven
 
     names = probe("--list").split()
     assert set(names) == {"mokd-train", "mokd-shards", "mokd-eval-knn", "mokd-eval-linear", "mokd-export",
-                          "mokd-bench", "mokd-demo", "mokd-fashion-mnist", "mokd-plot"}
+                          "mokd-bench", "mokd-demo", "mokd-fashion-mnist", "mokd-plot", "mokd-visualize"}
     results = {name: probe(name).split() for name in names}
     assert all(result[0] == "0" for result in results.values()), results
     assert {name: r[1:] for name, r in results.items() if r[1:]} == {}

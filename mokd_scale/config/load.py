@@ -269,6 +269,8 @@ def validate_network(net: NetworkConfig, key: str) -> None:
                           f"got {net.warmup_teacher_temperature_epochs}")
     if not net.deepspeed:
         raise ConfigError(f"{key}.deepspeed must name a DeepSpeed JSON (see ds_configs/)")
+    if net.init_heads and not net.init:
+        raise ConfigError(f"{key}.init_heads needs {key}.init: a checkpoint of this package to take the heads from")
 
 
 def validate_schedule_owner(config: Config, name: str) -> None:

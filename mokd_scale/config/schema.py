@@ -100,6 +100,11 @@ class NetworkConfig:
     proj_freeze_scale: bool = setting(True, "freeze the projection head's weight-norm scale (DINO's norm_last_layer)")
     proj_batchnorm: bool = setting(False, "BatchNorm in the projection head's hidden layers")
     search_freeze_scale: bool = setting(False, "freeze the search head's weight-norm scale")
+    init: str = setting("", "start student and teacher from these weights: a mokd-export folder, a timm "
+                            "model.safetensors / .pth of this architecture, or a checkpoint of this package "
+                            "(this network's teacher); empty: random; a resumed run ignores it")
+    init_heads: bool = setting(False, "with init from a checkpoint: also start the projection and search heads "
+                                      "from it (same head shapes)")
 
 
 class Networks(Mapping):

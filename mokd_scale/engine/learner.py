@@ -23,19 +23,24 @@ from mokd_scale.method.objective import uses_search_heads
 from mokd_scale.method.terms import Side
 from mokd_scale.models import MokdNetwork, build_network
 from mokd_scale.models.compile import compile_regions
+from mokd_scale.models.weights import InitialWeights, load_initial_weights
 from mokd_scale.runtime.profiling import phase
 
 
 class Learner:
     """Network `name` of the recipe: engine(student), fp32 teacher, centres."""
 
-    def __init__(self, name: str, config: Config, search_dim: int, device: torch.device, world_size: int):
+    def __init__(self, name: str, config: Config, search_dim: int, device: torch.device, world_size: int,
+                 initial: InitialWeights | None = None):
+        """initial: the weights student and teacher start from (networks.X.init, read by
+        train/init_weights.py); None: random."""
         self.name = name
         self.net_cfg: NetworkConfig = config.networks[name]
         self.dtype = resolve_precision(self.net_cfg.precision, device)
         self.device = device
         self.search_head_owner = search_head_schedule_owner(config, name)
-        student, self.teacher = build_student_and_teacher(config, name, search_dim, device, world_size, self.dtype)
+        student, self.teacher = build_student_and_teacher(config, name, search_dim, device, world_size, self.dtype,
+                                                          initial)
         self.ds_config = deepspeed_config(self.net_cfg, config, world_size, self.dtype)
         groups = parameter_groups(student, self.net_cfg.search_head_schedule)
         # Before DeepSpeed swaps each group's parameters for its flat fp32 partition, in the same dicts.
@@ -130,11 +135,15 @@ class Learner:
 
 
 def build_student_and_teacher(config: Config, name: str, search_dim: int, device: torch.device, world_size: int,
-                              dtype: torch.dtype) -> tuple[nn.Module, nn.Module]:
-    """A randomly initialised student (on the CPU, for DeepSpeed to place) and its teacher on `device`:
-    SyncBatchNorm on GPUs with several ranks, channels_last for CNNs in bf16 on GPUs, regional compile."""
+                              dtype: torch.dtype, initial: InitialWeights | None = None) -> tuple[nn.Module, nn.Module]:
+    """A student (on the CPU, for DeepSpeed to place) and its teacher on `device`: SyncBatchNorm on GPUs
+    with several ranks, channels_last for CNNs in bf16 on GPUs, regional compile. The student is randomly
+    initialised, then loaded from `initial` when given (the random draws stay those of a run without it,
+    so the heads init_heads leaves alone are the same), and the teacher copies it."""
     net = config.networks[name]
     student = build_network(config, name, search_dim=search_dim)
+    if initial is not None:
+        load_initial_weights(student, initial)
     teacher = make_teacher(config, name, student, search_dim)
     if device.type == "cuda" and world_size > 1:
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)

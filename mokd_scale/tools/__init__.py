@@ -8,4 +8,5 @@
     mokd-demo           demo                   the CPU demo on Fashion-MNIST (`make demo`)
     mokd-fashion-mnist  prepare_fashion_mnist  Fashion-MNIST -> ImageNet-shaped folder
     mokd-plot           plot_metrics           loss terms and k-NN from metrics.jsonl
+    mokd-visualize      visualize              class-token and search-head attention maps of a checkpoint
 """

@@ -54,30 +54,43 @@ def load_teachers(args: argparse.Namespace, device):
     """-> (config, {name: teacher MokdNetwork on device, eval mode}, run info for the JSON)."""
     import torch
 
-    from mokd_scale.train.checkpoint import find_tag, read_state
-    from mokd_scale.config import apply_override, from_dict, validate
-    from mokd_scale.models import build_network
+    step_dir, state, config = checkpoint_config(args.checkpoint, args.tag, config_overrides(args))
+    names = [n.strip() for n in args.networks.split(",") if n.strip()] or list(config.networks)
+    torch.manual_seed(config.seed if args.seed is None else args.seed)
+    networks = teacher_networks(config, state, names, device, random_init=args.random_init)
+    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init)}
+    return config, networks, info
 
-    step_dir = find_tag(args.checkpoint, args.tag)
+
+def checkpoint_config(checkpoint_path, tag: str | None, overrides: list[str]):
+    """-> (tag folder, its MOKD state, its resolved config with `overrides` applied and checked)."""
+    from mokd_scale.config import apply_override, from_dict, validate
+    from mokd_scale.train.checkpoint import find_tag, read_state
+
+    step_dir = find_tag(checkpoint_path, tag)
     state = read_state(step_dir)
     raw = state["config"]
-    for item in config_overrides(args):
+    for item in overrides:
         apply_override(raw, item)
     config = from_dict(raw)
     validate(config)
-    names = [n.strip() for n in args.networks.split(",") if n.strip()] or list(config.networks)
+    return step_dir, state, config
+
+
+def teacher_networks(config, state: dict, names: list[str], device, random_init: bool = False) -> dict:
+    """{name: network `name`'s EMA teacher from `state` (or random weights), on device, eval mode}."""
+    from mokd_scale.models import build_network
+
     unknown = [n for n in names if n not in state["teachers"]]
     if unknown:
         raise ValueError(f"unknown network(s) {unknown}: this checkpoint holds {sorted(state['teachers'])}")
-    torch.manual_seed(config.seed if args.seed is None else args.seed)
     networks = {}
     for name in names:
         network = build_network(config, name, teacher=True)
-        if not args.random_init:
+        if not random_init:
             network.load_state_dict(state["teachers"][name], strict=True)
         networks[name] = network.to(device).eval()
-    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init)}
-    return config, networks, info
+    return networks
 
 
 def run_on_teachers(tool: str, args: argparse.Namespace, evaluate) -> int:

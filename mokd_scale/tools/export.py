@@ -25,7 +25,6 @@ import argparse
 import sys
 from pathlib import Path
 
-BACKBONE_PREFIX = "backbone.model."
 EXPORT_FILES = ("model.safetensors", "config.json")
 # Fields of timm's registry entry that describe the authors' published weights, not ours.
 SOURCE_FIELDS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "license", "description",
@@ -34,19 +33,6 @@ SOURCE_FIELDS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source",
 
 class ExportError(ValueError):
     """A network or output folder that cannot be used; the message says what to do."""
-
-
-def backbone_state_dict(network_state: dict) -> dict:
-    """Full-network keys -> timm keys: keep `backbone.model.*` and strip that prefix."""
-    result = {}
-    for key, value in network_state.items():
-        key = key.removeprefix("module.")  # engine saves may keep the DDP-style prefix
-        if key.startswith(BACKBONE_PREFIX):
-            result[key[len(BACKBONE_PREFIX):]] = value
-    if not result:
-        raise ExportError(f"no '{BACKBONE_PREFIX}*' keys in the saved network (found e.g. "
-                          f"{list(network_state)[:3]}): not a mokd_scale MokdNetwork state")
-    return result
 
 
 def preprocessing(data: dict) -> dict:
@@ -76,6 +62,7 @@ def export(checkpoint_path: str | Path, network: str, out: str | Path, tag: str 
 
     from mokd_scale.train import checkpoint
     from mokd_scale.models.backbone import create_timm_model, timm_kwargs
+    from mokd_scale.models.weights import backbone_state_dict
 
     out = Path(out)
     check_out(out)

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             return 0
         config = load_config(args.config, overrides)
         validate_world_size(config, launch_world_size())
-        check_models(config)
+        check_models(config, args.resume)
     except (ConfigError, FileNotFoundError) as error:
         print(f"mokd-train: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
@@ -85,12 +85,14 @@ def launch_world_size() -> int:
     return int(launch_env(dict(os.environ))["WORLD_SIZE"])
 
 
-def check_models(config: Config) -> None:
-    """Both networks built on the meta device (no memory, no process group): a model-level mistake
+def check_models(config: Config, resume: str = "none") -> None:
+    """Every network built on the meta device (no memory, no process group): a model-level mistake
     (arch_kwargs of another architecture, a pair with no shared search width, crops that do not fit
-    the patch size) stops here with the key to fix."""
+    the patch size, networks.X.init weights of another architecture) stops here with the key to fix."""
     from mokd_scale.models.check import check_networks
+    from mokd_scale.train.init_weights import check_initial_weights
     check_networks(config)
+    check_initial_weights(config, resume)
 
 
 def run(config: Config, resume: str) -> int:

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mokd_scale.config import Config, to_dict, write_config
+from mokd_scale.config import Config, ConfigError, to_dict, write_config
 from mokd_scale.engine.learner import Learner
 from mokd_scale.method.objective import Objective
 from mokd_scale.models import pair_search_dim
 from mokd_scale.runtime import dist, faults
-from mokd_scale.runtime.exit_codes import EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_RESUME, EXIT_SAVE_FAILED
+from mokd_scale.runtime.exit_codes import EXIT_CONFIG, EXIT_NON_FINITE, EXIT_PREEMPTED, EXIT_RESUME, EXIT_SAVE_FAILED
 from mokd_scale.train import checkpoint
+from mokd_scale.train.init_weights import initial_weights, start_message
 from mokd_scale.train.metrics import MetricsWriter, StepAccumulator, console_line, peak_memory_gib
 from mokd_scale.train.schedules import Schedules
 from mokd_scale.train.state import Progress, run_state
@@ -36,6 +37,10 @@ def train(config: Config, info: dist.DistInfo, resume: str) -> int:
         if info.is_main:
             print(f"mokd-train: cannot resume: {error}", file=sys.stderr, flush=True)
         return EXIT_RESUME
+    except ConfigError as error:  # networks.X.init, read when no checkpoint was found after all: every rank alike
+        if info.is_main:
+            print(f"mokd-train: config error: {error}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     return trainer.run()
 
 
@@ -51,12 +56,19 @@ class PreemptionFlag:
         self.raised = True
 
 
-def build_learners(config: Config, info: dist.DistInfo) -> dict[str, Learner]:
+def build_learners(config: Config, info: dist.DistInfo, fresh: bool = True, log=None) -> dict[str, Learner]:
     """Every network's Learner, in the recipe's order, with identical initial weights on every rank (the
-    teachers are copied before DeepSpeed broadcasts)."""
+    teachers are copied before DeepSpeed broadcasts). A fresh run starts each network from its
+    networks.X.init when set (read one network at a time: one network's weights in memory at once)."""
     torch.manual_seed(config.seed)
     search_dim = pair_search_dim(config)
-    return {name: Learner(name, config, search_dim, info.device, info.world_size) for name in config.networks}
+    learners = {}
+    for name in config.networks:
+        initial = initial_weights(config, name, search_dim) if fresh else None
+        if initial is not None and log is not None:
+            log(start_message(name, initial))
+        learners[name] = Learner(name, config, search_dim, info.device, info.world_size, initial)
+    return learners
 
 
 class Trainer:
@@ -70,7 +82,9 @@ class Trainer:
         resume_dir = self.choose_resume(resume)
         saved = checkpoint.load_state(resume_dir) if resume_dir else None
         self.progress = Progress(int(saved["step"]) if saved is not None else 0)
-        self.learners = build_learners(config, info)
+        self.learners = build_learners(config, info, fresh=saved is None, log=self.log)
+        if saved is not None:
+            self.note_init_ignored(resume_dir)
         seed_everything(config.seed * 1000 + info.rank + self.progress.step)  # replaced by a checkpoint's RNG
         self.loader = build_train_loader(config, info.rank, info.world_size, self.progress.step)
         self.state = run_state(self.learners, self.loader, self.progress)
@@ -89,6 +103,11 @@ class Trainer:
         if all_ranks or self.info.is_main:
             prefix = f"[rank{self.info.rank}] " if all_ranks else ""
             print(prefix + message, flush=True)
+
+    def note_init_ignored(self, resume_dir: Path) -> None:
+        keys = [f"networks.{name}.init" for name, net in self.config.networks.items() if net.init]
+        if keys:
+            self.log(f"{', '.join(keys)} ignored: resuming from {resume_dir.name}, whose weights win")
 
     def choose_resume(self, resume: str) -> Path | None:
         """Rank 0 checks the checkpoints against their manifests; every rank loads what it chose."""
