@@ -89,8 +89,10 @@ def check_models(config: Config) -> None:
     """Both networks built on the meta device (no memory, no process group): a model-level mistake
     (arch_kwargs of another architecture, a pair with no shared search width, crops that do not fit
     the patch size) stops here with the key to fix."""
+    from mokd_scale.engine.term_gradients import check_term_gradients
     from mokd_scale.models.check import check_networks
     check_networks(config)
+    check_term_gradients(config)
 
 
 def run(config: Config, resume: str) -> int:
