@@ -2,6 +2,7 @@
 
     mokd-eval-knn --checkpoint runs/mokd/checkpoints
     mokd-eval-knn --checkpoint runs/mokd/checkpoints --random-init   # baseline
+    mokd-eval-knn --checkpoint runs/mokd/checkpoints --student       # the students instead of the teachers
     torchrun --nproc-per-node 8 -m mokd_scale.tools.eval_knn --checkpoint ... --train-shards ... --val-shards ...
 
 Memory bank: the checkpoint config's data.knn_train_shards (else data.train_shards);
@@ -28,6 +29,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="same architectures with fresh random weights (the untrained baseline)")
     parser.add_argument("--seed", type=int, default=None, help="seed of --random-init (default: config seed)")
+    parser.add_argument("--student", action="store_true",
+                        help="the students' weights instead of the EMA teachers' (what the optimizer has reached; a "
+                             "teacher early in a run still holds much of its initial weights)")
     parser.add_argument("--batch-size", type=int, default=None, help="eval batch per rank (default: eval.batch_size)")
     parser.add_argument("--max-train-samples", type=int, default=None, help="cap of the train set (0: all)")
     parser.add_argument("--max-val-samples", type=int, default=None, help="cap of the val set (0: all)")
@@ -54,7 +58,7 @@ def load_teachers(args: argparse.Namespace, device):
     """-> (config, {name: teacher MokdNetwork on device, eval mode}, run info for the JSON)."""
     import torch
 
-    from mokd_scale.train.checkpoint import find_tag, read_state
+    from mokd_scale.train.checkpoint import find_tag, read_state, student_weights
     from mokd_scale.config import apply_override, from_dict, validate
     from mokd_scale.models import build_network
 
@@ -73,10 +77,13 @@ def load_teachers(args: argparse.Namespace, device):
     networks = {}
     for name in names:
         network = build_network(config, name, teacher=True)
-        if not args.random_init:
+        if args.student and not args.random_init:
+            network.load_state_dict(student_weights(step_dir, name), strict=True)
+        elif not args.random_init:
             network.load_state_dict(state["teachers"][name], strict=True)
         networks[name] = network.to(device).eval()
-    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init)}
+    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init),
+            "weights": "random" if args.random_init else "student" if args.student else "teacher"}
     return config, networks, info
 
 
