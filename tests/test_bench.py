@@ -108,7 +108,8 @@ def test_unknown_command_is_a_usage_error():
 SCIENCE_TINY = ["train.global_batch_size=8", "train.micro_batch_size=8", "data.workers=0", "mokd.out_dim=64",
                 "mokd.proj_hidden_dim=32", "mokd.proj_bottleneck_dim=16", "mokd.search_depth=1", "eval.batch_size=64",
                 "networks.a.arch_kwargs={patch_size: 4, img_size: 32, embed_dim: 64, depth: 1, num_heads: 1}",
-                "networks.b.arch_kwargs={output_stride: 16, channels: [8, 8, 8, 8], layers: [1, 1, 1, 1]}"]
+                "networks.b.arch_kwargs={output_stride: 16, channels: [8, 8, 8, 8], layers: [1, 1, 1, 1]}",
+                "train.term_gradients_every=1"]
 
 
 def test_science_bench_trains_both_modes_reports_the_gain_and_reuses_finished_runs(tmp_path):
@@ -136,6 +137,13 @@ def test_science_bench_trains_both_modes_reports_the_gain_and_reuses_finished_ru
     # Both modes trained as they should: MOKD logs all four terms, independent only self-distillation.
     assert {"a.self_proj", "a.self_search", "a.cross_proj", "a.cross_search", "b.cross_search"} <= logged["mokd"]
     assert "a.self_proj" in logged["independent"] and not {"a.self_search", "b.cross_proj"} & logged["independent"]
+    # Where each term pushes the backbones: logged every step here, summarised as shares per mode.
+    assert {"a.grad.self_search", "b.grad.cross_search", "b.grad.clipped_fraction"} <= logged["mokd"]
+    assert "a.grad.self_proj" in logged["independent"] and "a.grad.self_search" not in logged["independent"]
+    shares = report["gradient_shares"]["a"]
+    assert shares["mokd"]["steps"] == [1, 2] and shares["independent"]["mean_share"] == {"self_proj": 1.0}
+    assert sum(shares["mokd"]["mean_share"].values()) == pytest.approx(1.0)
+    assert "gradient at a's backbone, mokd, mean over the run: self_proj" in done.stderr
     for name in ("a", "b"):
         summary, top1 = report["summary"][name], {mode: runs[mode]["final_top1"][name] for mode in runs}
         assert summary["mokd"]["mean"] == top1["mokd"] and summary["independent"]["values"] == [top1["independent"]]

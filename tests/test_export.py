@@ -162,3 +162,27 @@ def test_student_export_from_real_zero3_and_zero2_checkpoints(tmp_path):
             torch.testing.assert_close(student[key], torch.from_numpy(value), msg=f"{name}: {key}")
         # The step moved the student; the teacher (EMA, not updated here) still holds the init.
         assert any(not torch.equal(student[k], teacher[k]) for k in student if k.endswith("weight"))
+
+
+def test_eval_tools_load_the_students_with_student(tmp_path, tiny_networks):
+    """--student: the DeepSpeed save of each student (ZeRO-0's model-states file), not the EMA teachers."""
+    import argparse
+
+    from mokd_scale.tools.eval_knn import add_checkpoint_arguments, load_teachers
+
+    cfg, networks = tiny_networks
+    step_dir = write_fake_checkpoint(tmp_path, cfg, networks)
+    students = {}
+    for name, network in networks.items():
+        students[name] = {k: v + 1.0 if v.is_floating_point() else v for k, v in network.state_dict().items()}
+        (step_dir / name).mkdir()
+        torch.save({"module": students[name]}, step_dir / name / "mp_rank_00_model_states.pt")
+    parser = argparse.ArgumentParser()
+    add_checkpoint_arguments(parser)
+    for flag, expected in (([], {n: net.state_dict() for n, net in networks.items()}), (["--student"], students)):
+        _, loaded, info = load_teachers(parser.parse_args(["--checkpoint", str(tmp_path / "checkpoints"), *flag]),
+                                        torch.device("cpu"))
+        assert info["weights"] == ("student" if flag else "teacher")
+        for name, network in loaded.items():
+            for key, value in network.state_dict().items():
+                assert torch.equal(value, expected[name][key]), (flag, name, key)

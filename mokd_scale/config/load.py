@@ -242,6 +242,8 @@ def validate(config: Config, world_size: int | None = None) -> None:
     for name in ("global_batch_size", "micro_batch_size", "steps", "log_every", "checkpoint_every", "keep_last"):
         if getattr(train, name) < 1:
             raise ConfigError(f"train.{name} must be at least 1, got {getattr(train, name)}")
+    if train.term_gradients_every < 0:
+        raise ConfigError(f"train.term_gradients_every must be >= 0 (0: off), got {train.term_gradients_every}")
     if train.collective_timeout_s <= 0:
         raise ConfigError(f"train.collective_timeout_s must be positive seconds, got {train.collective_timeout_s}")
     if train.global_batch_size % train.micro_batch_size:

@@ -71,6 +71,9 @@ class TrainConfig:
     # first step's loader warm-up.
     collective_timeout_s: float = setting(600.0, "a collective waiting longer than this ends the run (a hung rank)")
     compile: bool = setting(False, "torch.compile each block and head (for GPUs)")
+    term_gradients_every: int = setting(
+        0, "every N steps, per network: each loss term's gradient norm at the student's backbone and the fraction "
+           "of backbone tensors clipped (metrics X.grad.*; 0: off, at no cost)")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ Per optimizer step it
 3. clips per tensor, as DINO and the authors do: a tensor whose gradient norm exceeds `clip` is
    scaled by clip / (norm + 1e-6) (in `global` mode DeepSpeed clips by the global norm instead);
 4. while the last layer is frozen, drops its gradients, so the optimizer skips those tensors
-   entirely: no SGD momentum, no Adam moments, no weight decay accumulate for them.
+   entirely: no SGD momentum, no Adam moments, no weight decay accumulate for them;
+5. on a step that asks for it (`begin_step(count_clipped=True)`), counts how many of the watched
+   tensors (the backbone's: train.term_gradients_every) it clipped, from the norms it has anyway.
 - ZeRO-3: each parameter's shard within the sub-group's fp32 partition, from DeepSpeed's
   sub-group layout; one all-reduce per sub-group.
 """
@@ -35,10 +37,11 @@ CLIP_EPSILON = 1e-6
 
 class GradientGate:
     def __init__(self, optimizer: torch.optim.Optimizer, group_params: list[list[nn.Parameter]],
-                 clip: float, per_tensor: bool, frozen_kind: str, wrapper=None):
+                 clip: float, per_tensor: bool, frozen_kind: str, wrapper=None, watched: tuple = ()):
         """optimizer: the torch optimizer inside the engine; group_params: each param group's model
         parameters, in the order the groups were given to DeepSpeed (it keeps non-empty groups in order);
-        wrapper: the engine's optimizer (DeepSpeed's ZeRO-3 wrapper knows its sub-groups' layout)."""
+        wrapper: the engine's optimizer (DeepSpeed's ZeRO-3 wrapper knows its sub-groups' layout);
+        watched: the parameters whose clipping `clipped_fraction` reports."""
         self.wrapper = wrapper
         self.clip = clip
         self.per_tensor = per_tensor and clip > 0
@@ -47,17 +50,27 @@ class GradientGate:
         self.group_index = {group["name"]: i for i, group in enumerate(optimizer.param_groups)}
         self.group_params = group_params
         self.model_param_ids = {id(p) for params in group_params for p in params}
+        watched_ids = {id(p) for p in watched}
+        self.watched_slots = [[slot for slot, p in enumerate(params) if id(p) in watched_ids] for params in group_params]
         self.layouts: dict[tuple[str, int], tuple[list[tuple[int, int, int]], bool]] = {}
         self.freeze_last_layer = False
         self.begin_step(freeze_last_layer=False)
         optimizer.register_step_pre_hook(self.before_step)
 
-    def begin_step(self, freeze_last_layer: bool) -> None:
+    def begin_step(self, freeze_last_layer: bool, count_clipped: bool = False) -> None:
         """Reset the per-step record; called before each optimizer step's first micro-batch."""
         self.freeze_last_layer = freeze_last_layer
+        self.count_clipped = count_clipped and self.per_tensor
         self.non_finite = False
         self.ran = False
         self.squared_norm = 0.0
+        self.clipped = self.watched_count = 0
+
+    @property
+    def clipped_fraction(self) -> float | None:
+        """Of the watched tensors, the fraction clipped at the last step that counted them (None: not counted,
+        or no per-tensor clipping). The norms are the reduced ones, so every rank has the same fraction."""
+        return self.clipped / self.watched_count if self.count_clipped and self.watched_count else None
 
     @property
     def global_norm(self) -> float:
@@ -82,6 +95,10 @@ class GradientGate:
             return
         if self.per_tensor:
             clip_pieces(grads, [norms[slot] for slot in slots], self.clip)
+        if self.count_clipped:
+            watched = self.watched_slots[self.group_index[group["name"]]]
+            self.watched_count += len(watched)
+            self.clipped += sum(self.clip / (norms[slot] + CLIP_EPSILON) < 1 for slot in watched)
         if self.freeze_last_layer and group.get("kind") == self.frozen_kind:
             drop_gradients(group)
 

@@ -7,6 +7,7 @@ the (1 - m)·Δ increment when m is close to 1 (docs/design.md, invariant 4).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import deepspeed
 import torch
@@ -17,6 +18,7 @@ from mokd_scale.engine.deepspeed_config import deepspeed_config, resolve_precisi
 from mokd_scale.engine.ema import TeacherEMA
 from mokd_scale.engine.gradients import GradientGate
 from mokd_scale.engine.optim import LAST_LAYER, apply_schedule, build_optimizer, parameter_groups
+from mokd_scale.engine.term_gradients import backbone_gradient_norms, replayable
 from mokd_scale.method.centers import Centers
 from mokd_scale.method.forward import StudentOutputs, TeacherOutputs, student_forward, teacher_forward
 from mokd_scale.method.objective import uses_search_heads
@@ -51,8 +53,10 @@ class Learner:
         if self.dtype == torch.bfloat16:
             match_buffers_to_parameters(self.engine.module)
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.backbone_params = [p for p in self.engine.module.backbone.parameters() if p.requires_grad]
         self.gradients = GradientGate(optimizer, group_params, self.net_cfg.clip_grad,
-                                      self.net_cfg.clip_mode == "per_tensor", LAST_LAYER, self.engine.optimizer)
+                                      self.net_cfg.clip_mode == "per_tensor", LAST_LAYER, self.engine.optimizer,
+                                      watched=self.backbone_params)
         self.ema = TeacherEMA(self.teacher, self.engine.module, self.zero_stage)
         self.centers = Centers(config.mokd.out_dim, config.mokd.center_momentum,
                                with_search=uses_search_heads(config)).to(device)
@@ -62,10 +66,11 @@ class Learner:
         return self.engine.module
 
     # --- the step's verbs (train/step.py) ---------------------------------------------------------------
-    def begin_step(self, values) -> None:
-        """This step's lr / wd into the engine's groups; the gradient gate learns whether the last layer is frozen."""
+    def begin_step(self, values, measuring: bool = False) -> None:
+        """This step's lr / wd into the engine's groups; the gradient gate learns whether the last layer is frozen
+        and, on a measuring step (train.term_gradients_every), to count the backbone tensors it clips."""
         apply_schedule(self.engine.optimizer.param_groups, values, self.name, self.search_head_owner)
-        self.gradients.begin_step(freeze_last_layer=values.last_layer_frozen)
+        self.gradients.begin_step(freeze_last_layer=values.last_layer_frozen, count_clipped=measuring)
 
     def teacher_side(self, global_crops: list[torch.Tensor]) -> Side:
         """The teacher's targets on the global crops, with the teacher and centres the partners' terms read."""
@@ -77,6 +82,14 @@ class Learner:
     def student_outputs(self, crops: list[torch.Tensor]) -> StudentOutputs:
         with phase("student_forward"):
             return student_forward(self.engine, crops, self.dtype)
+
+    def term_gradient_norms(self, crops: list[torch.Tensor],
+                            contributions_of: Callable[[StudentOutputs], dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Each weighted term's gradient norm at the student's backbone on these crops, from a replayed forward
+        of the plain module before the real one (engine/term_gradients.py); collective, the same on every rank."""
+        with replayable(self.student), phase("term_gradients"):
+            outputs = student_forward(self.student, crops, self.dtype)
+            return backbone_gradient_norms(contributions_of(outputs), self.backbone_params)
 
     def backward(self, loss: torch.Tensor) -> None:
         with phase("student_backward"):

@@ -84,6 +84,11 @@ class Objective:
                     values[term_name] = term.compute(inputs(None))
             return TermValues(values, self.total(name, values))
 
+    def contributions(self, name: str, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each term as it enters network `name`'s total: w_t · term for a self term, λ_X · w_t · term for a
+        partner term; they sum to the total (which `total` computes with fewer kernels)."""
+        return {t: (self.lambdas[name] * w if TERMS[t].per_partner else w) * values[t] for t, w in self.weights.items()}
+
     def total(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor:
         own = [(w, values[t]) for t, w in self.weights.items() if not TERMS[t].per_partner]
         cross = [(w, values[t]) for t, w in self.weights.items() if TERMS[t].per_partner]

@@ -48,7 +48,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder with Fashion-MNIST's *-idx?-ubyte.gz files (default: Debian's package)")
     parser.add_argument("--train-per-class", type=int, default=500, help="Fashion-MNIST train images per class")
     parser.add_argument("--val-per-class", type=int, default=200, help="val images per class")
-    parser.add_argument("--image-size", type=int, default=32, help="prepared image size in px (28 = native)")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="prepared image size in px (28 = native; default: the recipe's global crop size)")
+
+
+def resolve_image_size(args) -> None:
+    """--image-size 0: the images are prepared at the recipe's global crop size."""
+    if not args.image_size:
+        from mokd_scale.config import load_config
+        args.image_size = load_config(args.config, args.set).data.global_crop_size
 
 
 def child_env() -> dict[str, str]:
@@ -180,6 +188,7 @@ def table(trained: dict, baseline: dict, config: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    resolve_image_size(args)
     work = args.out.resolve()
     data_dir, shard_dir, run_dir = work / "fashion_mnist", work / "shards", work / "run"
     timings: dict[str, float] = {}

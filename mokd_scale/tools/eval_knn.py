@@ -2,6 +2,7 @@
 
     mokd-eval-knn --checkpoint runs/mokd/checkpoints
     mokd-eval-knn --checkpoint runs/mokd/checkpoints --random-init   # baseline
+    mokd-eval-knn --checkpoint runs/mokd/checkpoints --student       # the students instead of the teachers
     torchrun --nproc-per-node 8 -m mokd_scale.tools.eval_knn --checkpoint ... --train-shards ... --val-shards ...
 
 Memory bank: the checkpoint config's data.knn_train_shards (else data.train_shards);
@@ -28,6 +29,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="same architectures with fresh random weights (the untrained baseline)")
     parser.add_argument("--seed", type=int, default=None, help="seed of --random-init (default: config seed)")
+    parser.add_argument("--student", action="store_true",
+                        help="the students' weights instead of the EMA teachers' (what the optimizer has reached; a "
+                             "teacher early in a run still holds much of its initial weights)")
     parser.add_argument("--batch-size", type=int, default=None, help="eval batch per rank (default: eval.batch_size)")
     parser.add_argument("--max-train-samples", type=int, default=None, help="cap of the train set (0: all)")
     parser.add_argument("--max-val-samples", type=int, default=None, help="cap of the val set (0: all)")
@@ -57,8 +61,10 @@ def load_teachers(args: argparse.Namespace, device):
     step_dir, state, config = checkpoint_config(args.checkpoint, args.tag, config_overrides(args))
     names = [n.strip() for n in args.networks.split(",") if n.strip()] or list(config.networks)
     torch.manual_seed(config.seed if args.seed is None else args.seed)
-    networks = teacher_networks(config, state, names, device, random_init=args.random_init)
-    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init)}
+    weights = "random" if args.random_init else "student" if args.student else "teacher"
+    networks = teacher_networks(config, state, names, device, weights, step_dir)
+    info = {"step": int(state.get("step", -1)), "tag": step_dir.name, "random_init": bool(args.random_init),
+            "weights": weights}
     return config, networks, info
 
 
@@ -77,9 +83,12 @@ def checkpoint_config(checkpoint_path, tag: str | None, overrides: list[str]):
     return step_dir, state, config
 
 
-def teacher_networks(config, state: dict, names: list[str], device, random_init: bool = False) -> dict:
-    """{name: network `name`'s EMA teacher from `state` (or random weights), on device, eval mode}."""
+def teacher_networks(config, state: dict, names: list[str], device, weights: str = "teacher",
+                     step_dir=None) -> dict:
+    """{name: network `name` on device, eval mode}, with weights "teacher" (its EMA teacher from `state`),
+    "student" (the student's fp32 weights from its engine save in `step_dir`) or "random"."""
     from mokd_scale.models import build_network
+    from mokd_scale.train.checkpoint import student_weights
 
     unknown = [n for n in names if n not in state["teachers"]]
     if unknown:
@@ -87,7 +96,9 @@ def teacher_networks(config, state: dict, names: list[str], device, random_init:
     networks = {}
     for name in names:
         network = build_network(config, name, teacher=True)
-        if not random_init:
+        if weights == "student":
+            network.load_state_dict(student_weights(step_dir, name), strict=True)
+        elif weights == "teacher":
             network.load_state_dict(state["teachers"][name], strict=True)
         networks[name] = network.to(device).eval()
     return networks

@@ -88,11 +88,14 @@ def launch_world_size() -> int:
 def check_models(config: Config, resume: str = "none") -> None:
     """Every network built on the meta device (no memory, no process group): a model-level mistake
     (arch_kwargs of another architecture, a pair with no shared search width, crops that do not fit
-    the patch size, networks.X.init weights of another architecture) stops here with the key to fix."""
+    the patch size, networks.X.init weights of another architecture, term gradients under ZeRO-3) stops here
+    with the key to fix."""
+    from mokd_scale.engine.term_gradients import check_term_gradients
     from mokd_scale.models.check import check_networks
     from mokd_scale.train.init_weights import check_initial_weights
     check_networks(config)
     check_initial_weights(config, resume)
+    check_term_gradients(config)
 
 
 def run(config: Config, resume: str) -> int:

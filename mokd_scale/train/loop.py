@@ -18,6 +18,7 @@ import torch
 
 from mokd_scale.config import Config, ConfigError, to_dict, write_config
 from mokd_scale.engine.learner import Learner
+from mokd_scale.method.terms import TERMS
 from mokd_scale.method.objective import Objective
 from mokd_scale.models import pair_search_dim
 from mokd_scale.runtime import dist, faults
@@ -166,9 +167,12 @@ class Trainer:
         while step < end:
             faults.step_starts(step)
             micro_batches = [next(batches) for _ in range(accumulation)]
-            meter.add(self.step(step, micro_batches))
+            record = self.step(step, micro_batches)
+            meter.add(record)
             step += 1
             self.progress.step = step
+            if record.term_gradients:
+                self.log_term_gradients(step, record)
             if step % train.log_every == 0 or step == end:
                 self.log_metrics(step, meter)
             if train.knn_every and (step % train.knn_every == 0 or step == train.steps):
@@ -199,6 +203,16 @@ class Trainer:
                               self.networks))
         self.writer.write(step, values)
         meter.reset()
+
+    def log_term_gradients(self, step: int, record) -> None:
+        """A measuring step's line: each term's gradient norm at each backbone, and the clipped fraction."""
+        values = record.gradient_items()
+        shown = "  ".join(f"{name}: " + " ".join(f"{TERMS[t].abbreviation} {v:.3g}" for t, v in norms.items())
+                          + (f" clipped {record.clipped_fraction[name]:.0%}"
+                             if record.clipped_fraction.get(name) is not None else "")
+                          for name, norms in record.term_gradients.items())
+        self.log(f"term gradients at the backbones, step {step}: {shown}")
+        self.writer.write(step, values)
 
     def evaluate_knn(self, step: int) -> None:
         """k-NN of every teacher's backbone on the val shards; a collective on every rank."""

@@ -39,6 +39,8 @@ def tensorboard_tag(key: str, networks) -> str:
     """metrics.jsonl key -> grouped TensorBoard tag (README, "Metrics", has the table); `networks`: the
     run's network names."""
     parts = key.split(".")
+    if parts[0] in networks and len(parts) > 2 and parts[1] == "grad":
+        return "/".join(["grad", parts[0], *parts[2:]])  # a.grad.self_proj -> grad/a/self_proj
     if parts[0] in networks:
         return "/".join(["train", *parts])  # a.self_proj -> train/a/self_proj
     if parts[0] == "knn":
@@ -63,6 +65,10 @@ class StepRecord:
         self.teacher_entropy: dict[str, torch.Tensor] = {}  # network -> scalar sum
         self.teacher_mean_probs: dict[str, torch.Tensor] = {}  # network -> (K,) sum
         self.grad_norm: dict[str, float] = {}  # network -> global norm before clipping
+        # Measuring steps only (train.term_gradients_every): network -> {term: norm at the backbone}, and
+        # network -> fraction of its backbone tensors clipped.
+        self.term_gradients: dict[str, dict[str, float]] = {}
+        self.clipped_fraction: dict[str, float | None] = {}
         self.micro_batches = self.images = self.skipped = 0
 
     def add_terms(self, name: str, terms: TermValues) -> None:
@@ -84,6 +90,13 @@ class StepRecord:
         self.micro_batches += 1
         self.images += images
         self.skipped += skipped
+
+    def gradient_items(self) -> dict[str, float]:
+        """A measuring step's metrics.jsonl keys: `a.grad.self_proj`, ..., `a.grad.clipped_fraction`."""
+        items = {f"{name}.grad.{term}": norm for name, norms in self.term_gradients.items() for term, norm in norms.items()}
+        items.update({f"{name}.grad.clipped_fraction": fraction for name, fraction in self.clipped_fraction.items()
+                      if fraction is not None})
+        return items
 
     def term(self, network: str, term: str) -> float:
         return float(self.terms[network][self.term_names.index(term)])

@@ -6,6 +6,10 @@ student's activations are alive at a time; what passes between networks is detac
 optimizer step: every engine updates (its GradientGate clips per tensor and refuses a non-finite gradient
 on every rank alike), then each network's centres take their global-batch update and its teacher its
 EMA step. What the step leaves for the log goes into a StepRecord (train/metrics.py).
+
+Every `train.term_gradients_every` steps (a measuring step), each network's weighted terms on the first
+micro-batch are differentiated one by one at its backbone, from a replay of its forward just before the
+real one (engine/term_gradients.py), and its gradient gate counts the backbone tensors it clips.
 """
 from __future__ import annotations
 
@@ -32,18 +36,22 @@ class Step:
         self.learners, self.objective, self.schedules = learners, objective, schedules
         self.mean, self.std = config.data.mean, config.data.std
         self.device = next(iter(learners.values())).device
+        self.term_gradients_every = config.train.term_gradients_every
 
     def __call__(self, step: int, micro_batches: list[dict]) -> StepRecord:
         """One optimizer step of every network over this rank's share of the global batch."""
         values = self.schedules.at(step)
         record = StepRecord(self.objective.term_names)
+        measuring = self.term_gradients_every > 0 and step % self.term_gradients_every == 0
         for learner in self.learners.values():
-            learner.begin_step(values)
-        for batch in micro_batches:
+            learner.begin_step(values, measuring)
+        for micro, batch in enumerate(micro_batches):
             crops = normalize_crops(batch["crops"], self.device, torch.float32, self.mean, self.std)
             sides = {name: learner.teacher_side(crops[:2]) for name, learner in self.learners.items()}
             for index, (name, learner) in enumerate(self.learners.items()):
                 temperature = values.networks[name].teacher_temperature
+                if measuring and micro == 0:
+                    record.term_gradients[name] = self.term_gradients(name, learner, crops, sides, temperature)
                 terms = self.objective(name, learner.student_outputs(crops), sides, temperature, learner.dtype)
                 learner.backward(faults.poison_loss(step, index, terms.total))
                 record.add_terms(name, terms)
@@ -57,8 +65,15 @@ class Step:
         self.stop_if_non_finite(step, record)
         for name, learner in self.learners.items():
             record.grad_norm[name] = learner.gradients.global_norm
+            if measuring:
+                record.clipped_fraction[name] = learner.gradients.clipped_fraction
             learner.end_step(values.teacher_momentum)
         return record
+
+    def term_gradients(self, name: str, learner: Learner, crops, sides, temperature: float) -> dict[str, float]:
+        """Network `name`'s weighted terms on these crops, each differentiated alone at its backbone."""
+        return learner.term_gradient_norms(crops, lambda outputs: self.objective.contributions(
+            name, self.objective(name, outputs, sides, temperature, learner.dtype).values))
 
     def stop_if_non_finite(self, step: int, record: StepRecord) -> None:
         """Each GradientGate has refused the update of a non-finite gradient, with the same verdict on every

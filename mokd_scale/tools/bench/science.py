@@ -15,7 +15,11 @@ at random init from each run's seed (the curves' step 0), and the gain of MOKD o
 difference of the means with its standard error sqrt(s_m²/n_m + s_i²/n_i), and the per-seed
 differences (a seed gives both modes the same crops in the same order and network a the same initial
 weights; network b's differ, as MOKD draws a's search head before b).
-JSON (--out, else stdout), a table on stderr, a PNG of the k-NN curves per run and the final means.
+With train.term_gradients_every (mini_faithful sets it), also each loss term's share of the gradient at
+each backbone over training (its norm over the sum of the terms' norms, mean over seeds) and the fraction
+of backbone tensors clipped, per mode.
+JSON (--out, else stdout), a table on stderr, a PNG of the k-NN curves per run and the final means (and
+of the gradient shares). The images are prepared at the recipe's global crop size unless --image-size says.
 
 Runs live in WORK/runs/MODE-seedS. A run whose final k-NN is in its metrics.jsonl is reused; an
 unfinished one resumes from its last checkpoint: an interrupted benchmark continues where it stopped.
@@ -38,7 +42,7 @@ import yaml
 
 from mokd_scale.config import ConfigError, add_set_argument, load_config, to_dict
 from mokd_scale.tools import demo, plot_metrics
-from mokd_scale.tools.bench.science_report import MODES, plot, summarize
+from mokd_scale.tools.bench.science_report import MODES, gradient_shares, plot, summarize
 
 START_LINE = re.compile(r"^training steps (\d+)\.\.")
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) \|")
@@ -241,10 +245,16 @@ def run_record(run: Run, steps: int, reused: bool, seconds: float | None, with_r
                             **{row["step"]: row[f"knn.{name}.top1"] for row in rows if f"knn.{name}.top1" in row}}.items())
               for name in networks}
     last_losses = next((row for row in reversed(rows) if f"{networks[0]}.loss" in row), {})
+    # train.term_gradients_every: each measuring step's norm per term at each backbone, and the clipped fraction.
+    gradients = {name: {row["step"]: {key.split(".", 2)[2]: value for key, value in row.items()
+                                      if key.startswith(f"{name}.grad.")}
+                        for row in rows if any(key.startswith(f"{name}.grad.") for key in row)}
+                 for name in networks}
     return {"mode": run.mode, "seed": run.seed, "run_dir": str(run.dir), "reused": reused,
             "train_seconds": seconds, "final_top1": {n: final[n]["top1"] for n in networks},
             "random_init_top1": {n: start[n]["top1"] for n in networks} if start else None,
             "final_top5": {n: final[n]["top5"] for n in networks}, "knn_curve": curves,
+            "term_gradients": {n: sorted(gradients[n].items()) for n in networks},
             "last_logged": {key: value for key, value in last_losses.items()
                             if key.split(".")[0] in networks and isinstance(value, (int, float))}}
 
@@ -285,6 +295,7 @@ def run_science_bench(argv=None) -> dict:
     except (ConfigError, FileNotFoundError) as error:
         raise BenchError(f"--config/--set: {error}") from None
     steps = args.steps or config.train.steps
+    demo.resolve_image_size(args)
     runs = [Run(mode, seed, work) for seed in range(args.seeds) for mode in args.modes]
     # Settings are checked for every run before any data is prepared or any run trains.
     placeholder = {"train": work / "shards" / "imagenet-train.json", "val": work / "shards" / "imagenet-val.json"}
@@ -315,8 +326,10 @@ def run_science_bench(argv=None) -> dict:
                 "max_train_samples": config.eval.max_train_samples, "max_val_samples": config.eval.max_val_samples},
         "networks": {name: {"arch": net.arch, "arch_kwargs": net.arch_kwargs, "lambda": net.lambda_cross}
                      for name, net in config.networks.items()},
+        "epochs": steps * config.train.global_batch_size / written["train"],
         "runs": records,
         "summary": summarize(records),
+        "gradient_shares": gradient_shares(records),
     }
     report["png"] = str(plot(report, args.png or work / "science.png"))
     return report

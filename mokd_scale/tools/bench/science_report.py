@@ -1,5 +1,6 @@
 """mokd-bench science's analysis: per network and mode the final k-NN's mean ± std over seeds, MOKD's
-gain over independent training with its standard error, the console table and the plot."""
+gain over independent training with its standard error, each loss term's share of the gradient at the
+backbone over training (when the runs measured it), the console table and the plot."""
 from __future__ import annotations
 
 import math
@@ -51,6 +52,43 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
+CLIPPED = "clipped_fraction"
+
+
+def gradient_shares(records: list[dict]) -> dict:
+    """Per network and mode, from the runs' train.term_gradients_every lines: at each measured step the mean
+    over seeds of each term's share of the backbone gradient (its norm / the sum of the terms' norms), of its
+    norm and of the fraction of backbone tensors clipped; and those means over the whole run ({} if not
+    measured)."""
+    shares = {}
+    for name in (records[0]["final_top1"] if records else {}):
+        for mode in MODES:
+            measured = [dict((step, values) for step, values in r.get("term_gradients", {}).get(name, []))
+                        for r in records if r["mode"] == mode]
+            steps = sorted(set().union(*measured)) if measured else []
+            if steps:
+                shares.setdefault(name, {})[mode] = mode_shares([m for m in measured if m], steps)
+    return shares
+
+
+def mode_shares(runs: list[dict], steps: list[int]) -> dict:
+    def mean_over_seeds(step, value_of):
+        values = [value_of(run[step]) for run in runs if step in run and value_of(run[step]) is not None]
+        return statistics.fmean(values) if values else None
+
+    terms = [t for t in runs[0][steps[0]] if t != CLIPPED]
+    total = lambda values: sum(values[t] for t in terms)  # noqa: E731
+    share = {t: [mean_over_seeds(step, lambda v, t=t: v[t] / total(v) if total(v) else None) for step in steps]
+             for t in terms}
+    norm = {t: [mean_over_seeds(step, lambda v, t=t: v[t]) for step in steps] for t in terms}
+    clipped = [mean_over_seeds(step, lambda v: v.get(CLIPPED)) for step in steps]
+    over_run = lambda series: statistics.fmean([v for v in series if v is not None]) if any(  # noqa: E731
+        v is not None for v in series) else None
+    return {"steps": steps, "share": share, "norm": norm, CLIPPED: clipped,
+            "mean_share": {t: over_run(share[t]) for t in terms}, "mean_norm": {t: over_run(norm[t]) for t in terms},
+            "mean_clipped_fraction": over_run(clipped)}
+
+
 def fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -66,6 +104,12 @@ def science_table(report: dict) -> str:
         label = f"{name} {report['networks'][name]['arch']} λ={report['networks'][name]['lambda']}"
         lines.append(f"{label:<28} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
                      f"{fmt(g['mean'], '+.2f') + ' ± ' + fmt(g['se']):>16}  {g['verdict']}")
+    for name, by_mode in report.get("gradient_shares", {}).items():
+        for mode, g in by_mode.items():
+            shown = "  ".join(f"{t} {fmt(100 * v if v is not None else None, '.0f')}%" for t, v in g["mean_share"].items())
+            clipped = g["mean_clipped_fraction"]
+            lines.append(f"gradient at {name}'s backbone, {mode}, mean over the run: {shown}; backbone tensors "
+                         f"clipped {fmt(100 * clipped if clipped is not None else None, '.0f')}%")
     per_seed = [f"  {r['mode']:<11} seed {r['seed']}: " + "  ".join(f"{n} {v:.2f}" for n, v in r["final_top1"].items())
                 + ("  (reused)" if r["reused"] else "") for r in report["runs"]]
     return "\n".join(lines + ["per run:"] + per_seed)
@@ -79,7 +123,9 @@ def plot(report: dict, path: Path) -> Path:
 
     colours = {"mokd": "tab:red", "independent": "tab:blue"}
     names = list(report["networks"])
-    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    shares = report.get("gradient_shares", {})
+    rows = 2 if shares else 1
+    figure, axes = plt.subplots(rows, len(names), figsize=(6 * len(names), 4.5 * rows), squeeze=False)
     for axis, name in zip(axes[0], names):
         for record in report["runs"]:
             steps, values = zip(*record["knn_curve"][name]) if record["knn_curve"][name] else ((), ())
@@ -97,6 +143,9 @@ def plot(report: dict, path: Path) -> Path:
         axis.set_xlabel("step")
         axis.set_ylabel("teacher k-NN top-1 (%)")
         axis.legend(fontsize=8)
+    if shares:
+        for axis, name in zip(axes[1], names):
+            plot_shares(axis, name, shares.get(name, {}), colours)
     figure.suptitle(f"MOKD vs independent, {report['config']}, {len(report['seeds'])} seed(s), "
                     f"{report['steps']} steps (Fashion-MNIST)")
     figure.tight_layout()
@@ -104,3 +153,18 @@ def plot(report: dict, path: Path) -> Path:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def plot_shares(axis, name: str, by_mode: dict, colours: dict) -> None:
+    """Each term's share of the backbone gradient in MOKD (solid), the clipped fraction per mode (dashed)."""
+    mokd = by_mode.get("mokd")
+    if mokd:
+        for term, series in mokd["share"].items():
+            axis.plot(mokd["steps"], series, "o-", markersize=3, label=f"{term} share (mokd)")
+    for mode, g in by_mode.items():
+        axis.plot(g["steps"], g[CLIPPED], "--", color=colours[mode], label=f"backbone tensors clipped ({mode})")
+    axis.set_ylim(0, 1)
+    axis.set_title(f"{name}: share of the backbone gradient per term (mean over seeds)")
+    axis.set_xlabel("step")
+    axis.set_ylabel("fraction")
+    axis.legend(fontsize=7)
