@@ -292,14 +292,17 @@ def load_state(tag_dir: Path) -> dict:
         raise CheckpointError(f"cannot read {Path(tag_dir) / STATE_FILE}: {error}") from error
 
 
-ENGINE, UNIVERSAL, WEIGHTS_ONLY = "engine", "universal", "weights_only"
+ENGINE, RESHARD, UNIVERSAL, WEIGHTS_ONLY = "engine", "reshard", "universal", "weights_only"
 
 
 def resume_plan(saved_world_size: int | None, zero_stage: int, optimizer: str) -> str:
-    """How to load one engine. ZeRO optimizer state is partitioned by the saving world size:
-    another size loads DeepSpeed's universal copy (Adam-family only) or fp32 weights alone."""
+    """How to load one engine. ZeRO optimizer state is partitioned by the saving world size: at ZeRO-1/2
+    another size re-cuts every state key onto its own partitions (engine/reshard.py); at ZeRO-3 it loads
+    DeepSpeed's universal copy (Adam-family only) or fp32 weights alone."""
     if zero_stage == 0 or saved_world_size == dist.world_size():
         return ENGINE
+    if zero_stage in (1, 2):
+        return RESHARD
     return UNIVERSAL if optimizer == "adamw" else WEIGHTS_ONLY
 
 

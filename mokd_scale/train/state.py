@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mokd_scale.engine.zero_layout import LayoutError
 from mokd_scale.runtime import dist
 from mokd_scale.train import checkpoint
 from mokd_scale.train.checkpoint import CheckpointError
@@ -143,6 +144,16 @@ class EngineFiles:
         if plan == checkpoint.ENGINE:
             learner.load_engine(tag_dir)
             return ""
+        if plan == checkpoint.RESHARD:
+            try:
+                learner.load_resharded(tag_dir)
+            except LayoutError as error:
+                raise CheckpointError(f"network {name}: its ZeRO-{learner.zero_stage} state saved by "
+                                      f"{saved_world_size} ranks cannot be re-cut for {dist.world_size()}: {error}. "
+                                      f"Resume on {saved_world_size} ranks, or start afresh with --resume none "
+                                      f"in a new output_dir") from error
+            return (f"network {name}: weights and {learner.net_cfg.optimizer} state re-sharded from "
+                    f"{saved_world_size} ranks onto {dist.world_size()}")
         if plan == checkpoint.UNIVERSAL:
             checkpoint.convert_to_universal(tag_dir, name)
             learner.load_engine(tag_dir, checkpoint.universal_dir_name(name), universal=True)
