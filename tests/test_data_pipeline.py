@@ -309,6 +309,33 @@ def test_a_position_saved_with_other_settings_is_not_replayed(tmp_path, caplog):
     assert not loader.continued and "restart with fresh samples" in caplog.text
 
 
+def labels_of(batches: list[dict]) -> list[int]:
+    return [label for batch in batches for label in batch["label"].tolist()]
+
+
+def test_a_run_resumed_on_fewer_ranks_hands_out_the_rest_of_the_pass_once(tmp_path, monkeypatch):
+    """2 ranks stop mid-pass; 1 rank resumed from both ranks' saved positions hands out the samples they had
+    not: none of the 2 ranks' samples again, none twice, and the rest of the pass waits in its shuffle buffer."""
+    from mokd_scale.data import train_loader
+    monkeypatch.setattr(train_loader, "label_of", lambda sample: int(sample["__key__"][len("sample"):]))
+    per_shard, buffer_size = 5, 4
+    _, index, keys = write_photo_shards(tmp_path, num_shards=6, per_shard=per_shard)
+    config = shard_config(index, f"data.shuffle_buffer={buffer_size}", *batches_of(2, 4))
+    stopped = [build_train_loader(config, rank, 2) for rank in (0, 1)]
+    seen = labels_of([batch for loader in stopped for batch in first_batches(loader, 4)])
+    torch.save([loader.state_dict() for loader in stopped], tmp_path / "positions.pt")
+    resumed = build_train_loader(config, 0, 1, start_step=4)
+    resumed.load_state_dicts_of_ranks(torch.load(tmp_path / "positions.pt", weights_only=True))
+    assert resumed.carried
+    # Of the rest of the pass, all but one buffer's worth come out before the next pass is read at all.
+    rest = len(keys) - len(seen)
+    assert (rest - buffer_size) % 2 == 0
+    emitted = labels_of(first_batches(resumed, (rest - buffer_size) // 2))
+    waiting = [shard * per_shard + ordinal for shard, ordinal, _ in resumed.positions[0]["samples"]["origins"].tolist()]
+    assert len(waiting) == buffer_size
+    assert sorted(seen + emitted + waiting) == list(range(len(keys)))
+
+
 def test_the_epoch_is_part_of_the_seed(tmp_path):
     from mokd_scale.data.train_loader import ShardTrainStream
     _, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)

@@ -10,8 +10,9 @@ SHARED and RANK parts have `state_dict()` / `load_state_dict(state)`; ENGINE par
 `load(tag_dir, saved_world_size) -> note`.
 
 Resuming onto another number of ranks: SHARED parts load as they are (world-size independent); ENGINE
-parts convert (train/checkpoint.py: resume_plan); RANK parts saved by other ranks do not apply: the RNG
-is re-seeded from the step and the data streams restart.
+parts convert (train/checkpoint.py: resume_plan); a RANK part with `load_state_dicts_of_ranks` receives
+every saved rank's state (the data streams deal what they had not yet handed out over the new ranks),
+the others (the RNG) stay as the step seeded them.
 """
 from __future__ import annotations
 
@@ -80,9 +81,19 @@ class RunState:
             for part in self.of_scope(RANK):
                 part.obj.load_state_dict(ranks.get(part.name))
         else:
-            notes.append(f"{', '.join(p.name for p in self.of_scope(RANK))} of {saved.get('world_size')} ranks do "
-                         f"not apply to {dist.world_size()}: RNG re-seeded from the step, data streams restart")
+            self.load_rank_parts_of_all(tag_dir, saved.get("world_size"))
         return [note for note in notes if note]
+
+    def load_rank_parts_of_all(self, tag_dir: Path, saved_world_size: int | None) -> None:
+        """Another world size: a RANK part that can take every saved rank's state (the data streams' unread
+        samples) gets them all, in rank order; the others (the RNG) keep what the step seeded."""
+        takers = [part for part in self.of_scope(RANK) if hasattr(part.obj, "load_state_dicts_of_ranks")]
+        files = [Path(tag_dir) / checkpoint.rank_file_name(rank) for rank in range(saved_world_size or 0)]
+        if not takers or not files or not all(path.is_file() for path in files):
+            return
+        ranks = [torch.load(path, map_location="cpu", weights_only=True) for path in files]
+        for part in takers:
+            part.obj.load_state_dicts_of_ranks([rank.get(part.name) for rank in ranks])
 
 
 def lookup(saved: dict, name: str, tag_dir: Path):
