@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -451,8 +453,9 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-def test_loader_workers_end_with_their_rank():
-    """A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
+def test_loader_workers_end_with_their_rank_and_leave_sigterm_to_it():
+    """A worker ignores SIGTERM, which scancel sends to every process of the job: the rank saves a
+    checkpoint on it, and needs its workers for that. A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
     output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
     finishes the batches it was asked for, then notices its parent is gone within 5 s."""
     code = ("from mokd_scale.config import load_config\n"
@@ -468,6 +471,10 @@ def test_loader_workers_end_with_their_rank():
         assert rank.stdout.readline().strip() == "ready"
         workers = [int(pid) for pid in Path(f"/proc/{rank.pid}/task/{rank.pid}/children").read_text().split()]
         assert workers and all(alive(pid) for pid in workers)
+        for pid in workers:  # scancel signals every process of the job: the rank saves, its workers carry on
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(alive(pid) for pid in workers)
     finally:
         rank.kill()
         rank.wait()

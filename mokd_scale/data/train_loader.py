@@ -230,9 +230,12 @@ def start_of_epoch(epoch: int, pass_index: int, work=(), origins=()) -> dict:
 
 
 def end_with_the_rank(worker_id: int) -> None:
-    """A killed rank's workers would live on for up to 5 s (PyTorch polls for the parent), holding the
+    """Workers leave SIGTERM to their rank: scancel (preemption) signals every process of the job, and a
+    worker that died of it would fail the rank's next batch before the rank could save its checkpoint.
+    A killed rank's workers would live on for up to 5 s (PyTorch polls for the parent), holding the
     rank's output open, and Slurm ends the job step only when that closes; the kernel ends them with
     the rank instead (Linux; elsewhere the polling stays)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the rank died before the line above

@@ -154,7 +154,7 @@ class EngineFiles:
         plan = checkpoint.resume_plan(saved_world_size, learner.zero_stage, learner.net_cfg.optimizer)
         if plan == checkpoint.ENGINE:
             learner.load_engine(tag_dir)
-            return ""
+            return f"network {name}: weights and {learner.net_cfg.optimizer} state loaded"
         if plan == checkpoint.RESHARD:
             try:
                 learner.load_resharded(tag_dir)
