@@ -14,10 +14,10 @@ augmentation generator); TrainLoader keeps the position after the last batch the
 and a checkpoint stores it per rank. On the same world size and worker count, a resumed loader restores
 every stream there and rotates the streams over the workers so that the worker serving the first batch
 (the DataLoader takes batches from its workers round-robin) runs the stream whose turn it was: the
-resumed run sees exactly the batches of an uninterrupted one. On another world size or worker count
-(continue_from_ranks), what all the saved streams had not yet handed out (their buffered samples, the
-rest of the shards they were reading, their remaining shares of the pass) is dealt over the new
-streams, whose draws are seeded afresh from the step: within the pass, no sample is read twice and
+resumed run sees exactly the batches of an uninterrupted one. On another world size, whatever the
+worker counts (continue_from_ranks), what all the saved streams had not yet handed out (their buffered
+samples, the rest of the shards they were reading, their remaining shares of the pass) is dealt over
+the new streams, whose draws are seeded afresh from the step: within the pass, no sample is read twice and
 none is left out (docs/cluster.md says what a shuffle buffer does at the pass's end). A checkpoint of
 another shard list or seed restarts the streams at the step's pass with the step mixed into the seeds.
 """
@@ -82,7 +82,7 @@ class ShardTrainStream(IterableDataset):
         self.salt, self.continued = int(saved["salt"]), True
 
     def continue_from_ranks(self, saved: list[dict]) -> None:
-        """Every saved rank's TrainLoader.state_dict(), in rank order, of another world size or worker count:
+        """Every saved rank's TrainLoader.state_dict(), in rank order, of another world size (any worker count):
         this rank's streams take their share of what the saved streams had not yet handed out."""
         if any(rank.get("format") != POSITION_FORMAT or rank.get("shards") != self.shards_fingerprint()
                for rank in saved):
