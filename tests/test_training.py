@@ -214,7 +214,7 @@ RESHARD = [f"networks.a.deepspeed={ZERO_CONFIGS[2]}", f"networks.b.deepspeed={ZE
            "networks.b.arch_kwargs={patch_size: 4, img_size: 32, embed_dim: 64, depth: 1, num_heads: 2}",
            "networks.a.arch_kwargs={patch_size: 4, img_size: 32, embed_dim: 64, depth: 2, num_heads: 2}",
            "networks.a.proj_batchnorm=false", "networks.b.proj_batchnorm=false", "mokd.out_dim=128",
-           "train.steps=5", "train.checkpoint_every=2"]
+           "train.steps=5", "train.checkpoint_every=2", "train.keep_last=3"]
 
 
 def resumed_optimizer_state(rank, world_size, overrides, tag_dir: Path) -> dict:
@@ -244,10 +244,13 @@ def resumed_optimizer_state(rank, world_size, overrides, tag_dir: Path) -> dict:
     return {key: value.numpy().copy() for key, value in gathered.items()}
 
 
-def resume_elsewhere(rank, world_size, straight_runs, resumed: Path, tag_dir: Path):
-    """Straight runs on this world size, then a resume of tag_dir (saved by another) and its state."""
-    for out in straight_runs:
-        expect_code(rank, world_size, 0, RESHARD + [f"output_dir={out}"])
+def straight_then_resume(rank, world_size, straight: Path | None, resumed: Path, tag_dir: Path | None):
+    """A straight run on this world size (its step-2 checkpoint is the other world size's starting point),
+    then a resume of tag_dir, a checkpoint of the other world size, and the state it loads (either optional)."""
+    if straight is not None:
+        expect_code(rank, world_size, 0, RESHARD + [f"output_dir={straight}"])
+    if tag_dir is None:
+        return None
     output = expect_code(rank, world_size, 0, RESHARD + [f"output_dir={resumed}"], resume=str(tag_dir))
     return output, resumed_optimizer_state(rank, world_size, RESHARD, tag_dir)
 
@@ -267,28 +270,31 @@ def saved_optimizer_state(tag_dir: Path) -> dict:
     return state
 
 
-@pytest.mark.parametrize("saved_ranks", [2, 1])
-def test_resume_onto_another_world_size_carries_the_optimizer_state(tmp_path, saved_ranks):
-    """ZeRO-2 state of `saved_ranks` ranks resumed on the other number: every optimizer's state (SGD's momentum,
-    AdamW's moments) and the fp32 weights arrive whole, and the run goes on exactly as a straight run there."""
-    new_ranks = 3 - saved_ranks
-    saved_run, straight, resumed = tmp_path / "saved", tmp_path / "straight", tmp_path / "resumed"
-    run_on_ranks(expect_code, saved_ranks, (0, RESHARD + ["train.stop_after_steps=2", f"output_dir={saved_run}"]),
-                 timeout=240)
-    tag_dir = saved_run / "checkpoints" / "step_00000002"
-    output, state = run_on_ranks(resume_elsewhere, new_ranks, ([straight], resumed, tag_dir), timeout=300)
-    assert f"saved by {saved_ranks} ranks, now {new_ranks}" in output
-    assert "sgd state re-sharded" in output and "adamw state re-sharded" in output
-    expected = saved_optimizer_state(tag_dir)
-    assert state.keys() == expected.keys()
-    assert any(key.endswith("momentum_buffer") for key in state) and any(key.endswith("exp_avg") for key in state)
-    for key, value in expected.items():
-        torch.testing.assert_close(torch.from_numpy(state[key]).flatten(), value.flatten(), rtol=0, atol=0, msg=key)
-    reference, continued = metrics(straight), metrics(resumed)
-    assert [m["step"] for m in continued] == [3, 4, 5]
-    for left, right in zip(reference[2:], continued):
-        for key in LOSS_KEYS:
-            assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (left["step"], key)
+def test_resume_onto_another_world_size_carries_the_optimizer_state(tmp_path):
+    """ZeRO-2 checkpoints of 1 rank resumed on 2 and of 2 resumed on 1: every optimizer's state (SGD's momentum,
+    AdamW's moments and step) and the fp32 weights arrive whole, and the run goes on exactly as a straight run
+    on the new world size (each straight run's step-2 checkpoint is what the other world size resumes)."""
+    straight = {ranks: tmp_path / f"straight{ranks}" for ranks in (1, 2)}
+    resumed = {ranks: tmp_path / f"resumed{ranks}" for ranks in (1, 2)}
+    tag = {ranks: straight[ranks] / "checkpoints" / "step_00000002" for ranks in (1, 2)}
+    run_on_ranks(straight_then_resume, 1, (straight[1], resumed[1], None), timeout=240)
+    on_two = run_on_ranks(straight_then_resume, 2, (straight[2], resumed[2], tag[1]), timeout=300)
+    on_one = run_on_ranks(straight_then_resume, 1, (None, resumed[1], tag[2]), timeout=300)
+    for new_ranks, (output, state) in ((2, on_two), (1, on_one)):
+        saved_ranks = 3 - new_ranks
+        assert f"saved by {saved_ranks} ranks, now {new_ranks}" in output
+        assert "sgd state re-sharded" in output and "adamw state re-sharded" in output
+        expected = saved_optimizer_state(tag[saved_ranks])
+        assert state.keys() == expected.keys()
+        assert any(key.endswith("momentum_buffer") for key in state) and any(key.endswith("exp_avg") for key in state)
+        for key, value in expected.items():
+            torch.testing.assert_close(torch.from_numpy(state[key]).flatten(), value.flatten(), rtol=0, atol=0,
+                                       msg=key)
+        reference, continued = metrics(straight[new_ranks]), metrics(resumed[new_ranks])
+        assert [m["step"] for m in continued] == [3, 4, 5]
+        for left, right in zip(reference[2:], continued):
+            for key in LOSS_KEYS:
+                assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (new_ranks, left["step"], key)
 
 
 def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
