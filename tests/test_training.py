@@ -232,8 +232,12 @@ def resumed_optimizer_state(rank, world_size, overrides, tag_dir: Path) -> dict:
     gathered = {}
     for name, learner in learners.items():
         zero = learner.engine.optimizer
-        zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links its fragments to the state at the first step
-        for flat, params in zip(zero.single_partition_of_fp32_groups, zero.bit16_groups):
+        if learner.zero_stage == 3:
+            flats, groups = zero.fp32_partitioned_groups_flat, zero.fp16_groups
+        else:
+            zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links its fragments to the state at a step
+            flats, groups = zero.single_partition_of_fp32_groups, zero.bit16_groups
+        for flat, params in zip(flats, groups):
             keys = [key for key, value in zero.optimizer.state[flat].items() if torch.is_tensor(value)
                     and value.shape == flat.shape]
             for param in params:
@@ -244,24 +248,26 @@ def resumed_optimizer_state(rank, world_size, overrides, tag_dir: Path) -> dict:
     return {key: value.numpy().copy() for key, value in gathered.items()}
 
 
-def straight_then_resume(rank, world_size, straight: Path | None, resumed: Path, tag_dir: Path | None):
+def straight_then_resume(rank, world_size, straight: Path | None, resumed: Path, tag_dir: Path | None,
+                         overrides: tuple = ()):
     """A straight run on this world size (its step-2 checkpoint is the other world size's starting point),
     then a resume of tag_dir, a checkpoint of the other world size, and the state it loads (either optional)."""
+    runs = [*RESHARD, *overrides]
     if straight is not None:
-        expect_code(rank, world_size, 0, RESHARD + [f"output_dir={straight}"])
+        expect_code(rank, world_size, 0, runs + [f"output_dir={straight}"])
     if tag_dir is None:
         return None
-    output = expect_code(rank, world_size, 0, RESHARD + [f"output_dir={resumed}"], resume=str(tag_dir))
-    return output, resumed_optimizer_state(rank, world_size, RESHARD, tag_dir)
+    output = expect_code(rank, world_size, 0, runs + [f"output_dir={resumed}"], resume=str(tag_dir))
+    return output, resumed_optimizer_state(rank, world_size, runs, tag_dir)
 
 
 def saved_optimizer_state(tag_dir: Path) -> dict:
     """The same keys, read from the checkpoint's files; the fp32 weights checked against DeepSpeed's zero_to_fp32."""
-    from mokd_scale.engine.zero_layout import SavedPartitions
+    from mokd_scale.engine.zero_layout import saved_partitions
     from mokd_scale.train.checkpoint import student_weights
     state = {}
     for name in "ab":
-        saved, weights = SavedPartitions(tag_dir / name), student_weights(tag_dir, name)
+        saved, weights = saved_partitions(tag_dir / name), student_weights(tag_dir, name)
         for group in range(saved.group_count):
             for param in saved.names(group):
                 for key in saved.partitioned_keys(group):
@@ -281,20 +287,35 @@ def test_resume_onto_another_world_size_carries_the_optimizer_state(tmp_path):
     on_two = run_on_ranks(straight_then_resume, 2, (straight[2], resumed[2], tag[1]), timeout=300)
     on_one = run_on_ranks(straight_then_resume, 1, (None, resumed[1], tag[2]), timeout=300)
     for new_ranks, (output, state) in ((2, on_two), (1, on_one)):
-        saved_ranks = 3 - new_ranks
-        assert f"saved by {saved_ranks} ranks, now {new_ranks}" in output
-        assert "sgd state re-sharded" in output and "adamw state re-sharded" in output
-        expected = saved_optimizer_state(tag[saved_ranks])
-        assert state.keys() == expected.keys()
-        assert any(key.endswith("momentum_buffer") for key in state) and any(key.endswith("exp_avg") for key in state)
-        for key, value in expected.items():
-            torch.testing.assert_close(torch.from_numpy(state[key]).flatten(), value.flatten(), rtol=0, atol=0,
-                                       msg=key)
-        reference, continued = metrics(straight[new_ranks]), metrics(resumed[new_ranks])
-        assert [m["step"] for m in continued] == [3, 4, 5]
-        for left, right in zip(reference[2:], continued):
-            for key in LOSS_KEYS:
-                assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (new_ranks, left["step"], key)
+        check_resumed(output, state, tag[3 - new_ranks], metrics(straight[new_ranks]), metrics(resumed[new_ranks]),
+                      3 - new_ranks, new_ranks)
+
+
+def check_resumed(output: str, state: dict, tag_dir: Path, reference: list, continued: list, saved_ranks: int,
+                  new_ranks: int) -> None:
+    """The resume said so, loaded every state key exactly, and went on as the straight run on its world size."""
+    assert f"saved by {saved_ranks} ranks, now {new_ranks}" in output
+    assert "sgd state re-sharded" in output and "adamw state re-sharded" in output
+    expected = saved_optimizer_state(tag_dir)
+    assert state.keys() == expected.keys()
+    assert any(key.endswith("momentum_buffer") for key in state) and any(key.endswith("exp_avg") for key in state)
+    for key, value in expected.items():
+        torch.testing.assert_close(torch.from_numpy(state[key]).flatten(), value.flatten(), rtol=0, atol=0, msg=key)
+    assert [m["step"] for m in continued] == list(range(3, len(reference) + 1))
+    for left, right in zip(reference[2:], continued):
+        for key in LOSS_KEYS:
+            assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (new_ranks, left["step"], key)
+
+
+def test_resume_onto_fewer_ranks_carries_the_zero3_optimizer_state(tmp_path):
+    """The same at ZeRO-3 (every parameter sharded), 2 ranks onto 1, over two steps after the resume."""
+    zero3 = (f"networks.a.deepspeed={ZERO_CONFIGS[3]}", f"networks.b.deepspeed={ZERO_CONFIGS[3]}", "train.steps=4")
+    straight, resumed = tmp_path / "straight2", tmp_path / "resumed1"
+    run_on_ranks(straight_then_resume, 2, (straight, None, None, zero3), timeout=240)
+    tag_dir = straight / "checkpoints" / "step_00000002"
+    output, state = run_on_ranks(straight_then_resume, 1, (tmp_path / "straight1", resumed, tag_dir, zero3),
+                                 timeout=300)
+    check_resumed(output, state, tag_dir, metrics(tmp_path / "straight1"), metrics(resumed), 2, 1)
 
 
 def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):

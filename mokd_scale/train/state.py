@@ -10,8 +10,8 @@ SHARED and RANK parts have `state_dict()` / `load_state_dict(state)`; ENGINE par
 `load(tag_dir, saved_world_size) -> note`.
 
 Resuming onto another number of ranks: SHARED parts load as they are (world-size independent); ENGINE
-parts convert (train/checkpoint.py: resume_plan); a RANK part with `load_state_dicts_of_ranks` receives
-every saved rank's state (the data streams deal what they had not yet handed out over the new ranks),
+parts re-cut their ZeRO partitions (train/checkpoint.py: resume_plan, engine/reshard.py); a RANK part
+with `load_state_dicts_of_ranks` receives every saved rank's state (the data streams deal what they had not yet handed out over the new ranks),
 the others (the RNG) stay as the step seeded them.
 """
 from __future__ import annotations
@@ -151,30 +151,18 @@ class EngineFiles:
 
     def load(self, tag_dir: Path, saved_world_size: int | None) -> str:
         learner, name = self.learner, self.learner.name
-        plan = checkpoint.resume_plan(saved_world_size, learner.zero_stage, learner.net_cfg.optimizer)
-        if plan == checkpoint.ENGINE:
+        if checkpoint.resume_plan(saved_world_size, learner.zero_stage) == checkpoint.ENGINE:
             learner.load_engine(tag_dir)
             return f"network {name}: weights and {learner.net_cfg.optimizer} state loaded"
-        if plan == checkpoint.RESHARD:
-            try:
-                learner.load_resharded(tag_dir)
-            except LayoutError as error:
-                raise CheckpointError(f"network {name}: its ZeRO-{learner.zero_stage} state saved by "
-                                      f"{saved_world_size} ranks cannot be re-cut for {dist.world_size()}: {error}. "
-                                      f"Resume on {saved_world_size} ranks, or start afresh with --resume none "
-                                      f"in a new output_dir") from error
-            return (f"network {name}: weights and {learner.net_cfg.optimizer} state re-sharded from "
-                    f"{saved_world_size} ranks onto {dist.world_size()}")
-        if plan == checkpoint.UNIVERSAL:
-            checkpoint.convert_to_universal(tag_dir, name)
-            learner.load_engine(tag_dir, checkpoint.universal_dir_name(name), universal=True)
-            return (f"network {name}: saved by {saved_world_size} ranks, resuming on {dist.world_size()}: converted "
-                    f"to a DeepSpeed universal checkpoint")
-        learner.load_student_weights(checkpoint.student_weights(tag_dir, name))
-        optimizer = learner.net_cfg.optimizer
-        return (f"WARNING network {name}: {optimizer} state sharded over {saved_world_size} ranks cannot be "
-                f"re-sharded onto {dist.world_size()} (DeepSpeed's universal format is Adam-only): fp32 weights "
-                f"restored, {optimizer} momentum restarts from zero")
+        try:
+            learner.load_resharded(tag_dir, lambda: checkpoint.student_weights(tag_dir, name))
+        except LayoutError as error:
+            raise CheckpointError(f"network {name}: its ZeRO-{learner.zero_stage} state saved by {saved_world_size} "
+                                  f"ranks cannot be re-cut for {dist.world_size()}: {error}. Resume on "
+                                  f"{saved_world_size} ranks, or start afresh with --resume none in a new "
+                                  f"output_dir") from error
+        return (f"network {name}: weights and {learner.net_cfg.optimizer} state re-sharded from "
+                f"{saved_world_size} ranks onto {dist.world_size()}")
 
 
 def run_state(learners: dict, loader, progress: Progress) -> RunState:
