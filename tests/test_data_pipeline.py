@@ -455,8 +455,8 @@ def alive(pid: int) -> bool:
 @pytest.mark.integration
 def test_loader_workers_end_with_their_rank_and_leave_sigterm_to_it():
     """A worker ignores SIGTERM, which scancel sends to every process of the job: the rank saves a
-    checkpoint on it, and needs its workers for that. A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
-    output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
+    checkpoint on it, and needs its workers for that. A killed rank's loader worker must not outlive it:
+    Slurm ends the job step only once the rank's output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
     finishes the batches it was asked for, then notices its parent is gone within 5 s."""
     code = ("from mokd_scale.config import load_config\n"
             "from mokd_scale.data import build_train_loader\n"

@@ -1,8 +1,8 @@
 """Where each parameter's optimizer state lies in a saved ZeRO engine folder, whatever the world size that
 wrote it: the reading half of engine/reshard.py, and the ZeRO-3 shard layout of a live engine.
 
-ZeRO-1/2 (SavedPartitions). DeepSpeed writes one `*zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per rank. Each holds that rank's
-partition of every parameter group's flat fp32 weights (`single_partition_of_fp32_groups`), the torch
+ZeRO-1/2 (SavedPartitions). DeepSpeed writes one `*zero_pp_rank_<r>_mp_rank_00_optim_states.pt` per
+rank. Each holds that rank's partition of every parameter group's flat fp32 weights (`single_partition_of_fp32_groups`), the torch
 optimizer's state of that flat partition (one tensor per state key: `momentum_buffer` for SGD and LARS,
 `exp_avg` / `exp_avg_sq` for AdamW, plus scalars such as AdamW's `step`), and the fragment map
 (`param_slice_mappings`: parameter name -> where its piece starts in the partition, and how long it is).
@@ -42,7 +42,8 @@ def load_trusted(path: Path) -> dict:
 
 def saved_partitions(engine_dir: Path):
     """The reader for the ZeRO stage the folder was saved with."""
-    return SavedShards(engine_dir) if (Path(engine_dir) / MODEL_FILE_OF_RANK_0).is_file() else SavedPartitions(engine_dir)
+    zero3 = (Path(engine_dir) / MODEL_FILE_OF_RANK_0).is_file()
+    return SavedShards(engine_dir) if zero3 else SavedPartitions(engine_dir)
 
 
 def partition_files(engine_dir: Path) -> list[Path]:

@@ -11,8 +11,8 @@ SHARED and RANK parts have `state_dict()` / `load_state_dict(state)`; ENGINE par
 
 Resuming onto another number of ranks: SHARED parts load as they are (world-size independent); ENGINE
 parts re-cut their ZeRO partitions (train/checkpoint.py: resume_plan, engine/reshard.py); a RANK part
-with `load_state_dicts_of_ranks` receives every saved rank's state (the data streams deal what they had not yet handed out over the new ranks),
-the others (the RNG) stay as the step seeded them.
+with `load_state_dicts_of_ranks` receives every saved rank's state (the data streams deal what they had
+not yet handed out over the new ranks), the others (the RNG) stay as the step seeded them.
 """
 from __future__ import annotations
 
