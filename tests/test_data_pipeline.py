@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -309,6 +311,33 @@ def test_a_position_saved_with_other_settings_is_not_replayed(tmp_path, caplog):
     assert not loader.continued and "restart with fresh samples" in caplog.text
 
 
+def labels_of(batches: list[dict]) -> list[int]:
+    return [label for batch in batches for label in batch["label"].tolist()]
+
+
+def test_a_run_resumed_on_fewer_ranks_hands_out_the_rest_of_the_pass_once(tmp_path, monkeypatch):
+    """2 ranks stop mid-pass; 1 rank resumed from both ranks' saved positions hands out the samples they had
+    not: none of the 2 ranks' samples again, none twice, and the rest of the pass waits in its shuffle buffer."""
+    from mokd_scale.data import train_loader
+    monkeypatch.setattr(train_loader, "label_of", lambda sample: int(sample["__key__"][len("sample"):]))
+    per_shard, buffer_size = 5, 4
+    _, index, keys = write_photo_shards(tmp_path, num_shards=6, per_shard=per_shard)
+    config = shard_config(index, f"data.shuffle_buffer={buffer_size}", *batches_of(2, 4))
+    stopped = [build_train_loader(config, rank, 2) for rank in (0, 1)]
+    seen = labels_of([batch for loader in stopped for batch in first_batches(loader, 4)])
+    torch.save([loader.state_dict() for loader in stopped], tmp_path / "positions.pt")
+    resumed = build_train_loader(config, 0, 1, start_step=4)
+    resumed.load_state_dicts_of_ranks(torch.load(tmp_path / "positions.pt", weights_only=True))
+    assert resumed.carried
+    # Of the rest of the pass, all but one buffer's worth come out before the next pass is read at all.
+    rest = len(keys) - len(seen)
+    assert (rest - buffer_size) % 2 == 0
+    emitted = labels_of(first_batches(resumed, (rest - buffer_size) // 2))
+    waiting = [shard * per_shard + ordinal for shard, ordinal, _ in resumed.positions[0]["samples"]["origins"].tolist()]
+    assert len(waiting) == buffer_size
+    assert sorted(seen + emitted + waiting) == list(range(len(keys)))
+
+
 def test_the_epoch_is_part_of_the_seed(tmp_path):
     from mokd_scale.data.train_loader import ShardTrainStream
     _, index, _ = write_photo_shards(tmp_path, num_shards=3, per_shard=4)
@@ -424,9 +453,10 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-def test_loader_workers_end_with_their_rank():
-    """A killed rank's loader worker must not outlive it: Slurm ends the job step only once the rank's
-    output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
+def test_loader_workers_end_with_their_rank_and_leave_sigterm_to_it():
+    """A worker ignores SIGTERM, which scancel sends to every process of the job: the rank saves a
+    checkpoint on it, and needs its workers for that. A killed rank's loader worker must not outlive it:
+    Slurm ends the job step only once the rank's output closes, and a live worker holds it open. Left alone, a busy worker (large images here)
     finishes the batches it was asked for, then notices its parent is gone within 5 s."""
     code = ("from mokd_scale.config import load_config\n"
             "from mokd_scale.data import build_train_loader\n"
@@ -441,6 +471,10 @@ def test_loader_workers_end_with_their_rank():
         assert rank.stdout.readline().strip() == "ready"
         workers = [int(pid) for pid in Path(f"/proc/{rank.pid}/task/{rank.pid}/children").read_text().split()]
         assert workers and all(alive(pid) for pid in workers)
+        for pid in workers:  # scancel signals every process of the job: the rank saves, its workers carry on
+            os.kill(pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(alive(pid) for pid in workers)
     finally:
         rank.kill()
         rank.wait()

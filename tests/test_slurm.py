@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_training import photo_shards  # noqa: F401 - a fixture: the ImageNet-shaped shards
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,3 +398,41 @@ def test_a_crash_that_repeats_stops_after_a_restart_without_progress(slurm_clust
     assert "InjectedFault" in log and "resumed from step_00000001" in log
     assert "No progress since restart 1: the latest checkpoint is still step_00000001" in log
     assert final_record(job_id)["JobState"] == "FAILED"
+
+
+# --- a changed node count -------------------------------------------------------------------------
+
+def test_a_job_stopped_on_two_nodes_resumes_on_one_with_everything_carried_over(slurm_cluster, tmp_path,
+                                                                                  photo_shards):
+    """Shards read by a loader worker per rank, both networks ZeRO-2 (AdamW and SGD): scancel stops the job on
+    2 nodes (every process of the job gets SIGTERM: the ranks save, their workers carry on); the same job
+    name submitted on 1 node resumes from that checkpoint with the optimizer state re-sharded and the data
+    streams taking over the unread samples, and finishes every step once."""
+    steps, zero2 = 8, REPO / "ds_configs" / "zero2_bf16.json"
+    overrides = (f"{TINY} train.steps={steps} train.checkpoint_every=1000 data.source=shards "
+                 f"data.train_shards={photo_shards} data.workers=1 data.shuffle_buffer=4 "
+                 f"networks.a.deepspeed={zero2} networks.b.deepspeed={zero2} networks.b.optimizer=sgd")
+    env = flagship_environment(tmp_path, overrides)
+    job = ["--job-name=mokd_shrink", f"--output={tmp_path}/%x-%j.out", str(FLAGSHIP)]
+    _, job_id = sbatch([*TWO_CPU_NODES, *job], env, tmp_path, timeout=30)
+    run_dir = tmp_path / "runs" / "mokd_shrink"
+    try:
+        wait_for_training(job_id, run_dir, tmp_path / f"mokd_shrink-{job_id}.out", min_step=2, timeout=300)
+        scancel(job_id)
+        wait_until_gone(job_id, timeout=240)
+    finally:
+        scancel(job_id)
+    stopped = read_log(tmp_path / f"mokd_shrink-{job_id}.out")
+    saved = re.findall(r"preempted: checkpoint (step_\d+) saved", stopped)
+    assert len(saved) == 2 and saved[0] == saved[1] == latest_tag(run_dir), stopped
+    one_node = ["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--wait"]
+    code, second = sbatch([*one_node, *job], env, tmp_path, timeout=420)
+    log = read_log(tmp_path / f"mokd_shrink-{second}.out")
+    assert code == 0, log
+    resumed = re.search(rf"resumed from {saved[0]} \(step \d+, saved by 2 ranks, now 1\): (.*)", log)
+    assert resumed, log
+    for carried in ("adamw state re-sharded from 2 ranks onto 1", "sgd state re-sharded from 2 ranks onto 1",
+                    "data streams take over the unread samples", "RNG re-seeded from the step"):
+        assert carried in resumed.group(1), resumed.group(1)
+    assert metric_steps(run_dir) == list(range(1, steps + 1))
+    assert latest_tag(run_dir) == f"step_{steps:08d}"

@@ -207,25 +207,115 @@ def test_zero_stages_match_zero0(tmp_path):
                 assert right[key] == pytest.approx(left[key], rel=1e-4), (stage, left["step"], key)
 
 
-def test_resume_from_two_ranks_onto_one(tmp_path):
-    """ZeRO-2 optimizer shards of 2 ranks: AdamW goes through DeepSpeed's universal format, SGD via fp32 weights."""
-    out = tmp_path / "run"
-    zero2 = [f"networks.a.deepspeed={ZERO_CONFIGS[2]}", f"networks.b.deepspeed={ZERO_CONFIGS[2]}",
-             "networks.b.optimizer=sgd", "networks.b.lr=0.05", "train.steps=4", f"output_dir={out}"]
-    run_on_ranks(expect_code, 2, (0, zero2 + ["train.stop_after_steps=2"]), timeout=240)
-    saved = teacher_weights(out)
-    output = run_on_ranks(expect_code, 1, (0, zero2 + ["train.stop_after_steps=1"]), timeout=240)
-    assert "resumed from step_00000002" in output and "saved by 2 ranks, now 1" in output
-    assert "converted to a DeepSpeed universal checkpoint" in output
-    assert (out / "checkpoints" / "step_00000002" / "a_universal").is_dir()
-    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
-    resumed = teacher_weights(out, "step_00000003")
-    # The teachers continued from the saved ones (one EMA step away), not from a fresh start.
+# ZeRO-2, AdamW (a) and SGD (b), two tiny ViTs: without BatchNorm the rank count does not change the numbers on
+# CPU, so a straight run on the new world size is the reference for a resumed one.
+RESHARD = [f"networks.a.deepspeed={ZERO_CONFIGS[2]}", f"networks.b.deepspeed={ZERO_CONFIGS[2]}",
+           "networks.b.optimizer=sgd", "networks.b.lr=0.05", "networks.b.arch=vit_tiny_patch16_224",
+           "networks.b.arch_kwargs={patch_size: 4, img_size: 32, embed_dim: 64, depth: 1, num_heads: 2}",
+           "networks.a.arch_kwargs={patch_size: 4, img_size: 32, embed_dim: 64, depth: 2, num_heads: 2}",
+           "networks.a.proj_batchnorm=false", "networks.b.proj_batchnorm=false", "mokd.out_dim=128",
+           "train.steps=5", "train.checkpoint_every=2", "train.keep_last=3"]
+
+
+def resumed_optimizer_state(rank, world_size, overrides, tag_dir: Path) -> dict:
+    """Each network's fp32 weights and optimizer state right after loading tag_dir, gathered whole by
+    DeepSpeed's own accessors (not by the code under test)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from mokd_scale.config import load_config
+    from mokd_scale.runtime import dist
+    from mokd_scale.train.checkpoint import load_state
+    from mokd_scale.train.loop import build_learners
+    from mokd_scale.train.state import Progress, run_state
+    config = load_config("tiny_cpu", [*TINY, *overrides])
+    learners = build_learners(config, dist.init_distributed(), fresh=False)
+    run_state(learners, None, Progress()).load(tag_dir, load_state(tag_dir))
+    gathered = {}
+    for name, learner in learners.items():
+        zero = learner.engine.optimizer
+        if learner.zero_stage == 3:
+            flats, groups = zero.fp32_partitioned_groups_flat, zero.fp16_groups
+        else:
+            zero._lazy_init_hp_params_optimizer_state()  # DeepSpeed links its fragments to the state at a step
+            flats, groups = zero.single_partition_of_fp32_groups, zero.bit16_groups
+        for flat, params in zip(flats, groups):
+            keys = [key for key, value in zero.optimizer.state[flat].items() if torch.is_tensor(value)
+                    and value.shape == flat.shape]
+            for param in params:
+                prefix = f"{name}.{zero.param_names[param]}"
+                gathered[f"{prefix}.fp32"] = safe_get_full_fp32_param(param)
+                for key in keys:
+                    gathered[f"{prefix}.{key}"] = safe_get_full_optimizer_state(param, key)
+    return {key: value.numpy().copy() for key, value in gathered.items()}
+
+
+def straight_then_resume(rank, world_size, straight: Path | None, resumed: Path, tag_dir: Path | None,
+                         overrides: tuple = ()):
+    """A straight run on this world size (its step-2 checkpoint is the other world size's starting point),
+    then a resume of tag_dir, a checkpoint of the other world size, and the state it loads (either optional)."""
+    runs = [*RESHARD, *overrides]
+    if straight is not None:
+        expect_code(rank, world_size, 0, runs + [f"output_dir={straight}"])
+    if tag_dir is None:
+        return None
+    output = expect_code(rank, world_size, 0, runs + [f"output_dir={resumed}"], resume=str(tag_dir))
+    return output, resumed_optimizer_state(rank, world_size, runs, tag_dir)
+
+
+def saved_optimizer_state(tag_dir: Path) -> dict:
+    """The same keys, read from the checkpoint's files; the fp32 weights checked against DeepSpeed's zero_to_fp32."""
+    from mokd_scale.engine.zero_layout import saved_partitions
+    from mokd_scale.train.checkpoint import student_weights
+    state = {}
     for name in "ab":
-        key = "projection_head.last_layer.direction" if "projection_head.last_layer.direction" in saved[name] \
-            else next(k for k in saved[name] if k.startswith("projection_head"))
-        delta = (resumed[name][key] - saved[name][key]).abs().max()
-        assert delta < 0.05 * saved[name][key].abs().max()
+        saved, weights = saved_partitions(tag_dir / name), student_weights(tag_dir, name)
+        for group in range(saved.group_count):
+            for param in saved.names(group):
+                for key in saved.partitioned_keys(group):
+                    state[f"{name}.{param}.{key}"] = saved.whole(group, param, key)
+                torch.testing.assert_close(state[f"{name}.{param}.fp32"], weights[param].flatten(), rtol=0, atol=0)
+    return state
+
+
+def test_resume_onto_another_world_size_carries_the_optimizer_state(tmp_path):
+    """ZeRO-2 checkpoints of 1 rank resumed on 2 and of 2 resumed on 1: every optimizer's state (SGD's momentum,
+    AdamW's moments and step) and the fp32 weights arrive whole, and the run goes on exactly as a straight run
+    on the new world size (each straight run's step-2 checkpoint is what the other world size resumes)."""
+    straight = {ranks: tmp_path / f"straight{ranks}" for ranks in (1, 2)}
+    resumed = {ranks: tmp_path / f"resumed{ranks}" for ranks in (1, 2)}
+    tag = {ranks: straight[ranks] / "checkpoints" / "step_00000002" for ranks in (1, 2)}
+    run_on_ranks(straight_then_resume, 1, (straight[1], resumed[1], None), timeout=240)
+    on_two = run_on_ranks(straight_then_resume, 2, (straight[2], resumed[2], tag[1]), timeout=300)
+    on_one = run_on_ranks(straight_then_resume, 1, (None, resumed[1], tag[2]), timeout=300)
+    for new_ranks, (output, state) in ((2, on_two), (1, on_one)):
+        check_resumed(output, state, tag[3 - new_ranks], metrics(straight[new_ranks]), metrics(resumed[new_ranks]),
+                      3 - new_ranks, new_ranks)
+
+
+def check_resumed(output: str, state: dict, tag_dir: Path, reference: list, continued: list, saved_ranks: int,
+                  new_ranks: int) -> None:
+    """The resume said so, loaded every state key exactly, and went on as the straight run on its world size."""
+    assert f"saved by {saved_ranks} ranks, now {new_ranks}" in output
+    assert "sgd state re-sharded" in output and "adamw state re-sharded" in output
+    expected = saved_optimizer_state(tag_dir)
+    assert state.keys() == expected.keys()
+    assert any(key.endswith("momentum_buffer") for key in state) and any(key.endswith("exp_avg") for key in state)
+    for key, value in expected.items():
+        torch.testing.assert_close(torch.from_numpy(state[key]).flatten(), value.flatten(), rtol=0, atol=0, msg=key)
+    assert [m["step"] for m in continued] == list(range(3, len(reference) + 1))
+    for left, right in zip(reference[2:], continued):
+        for key in LOSS_KEYS:
+            assert right[key] == pytest.approx(left[key], rel=1e-5, abs=1e-6), (new_ranks, left["step"], key)
+
+
+def test_resume_onto_fewer_ranks_carries_the_zero3_optimizer_state(tmp_path):
+    """The same at ZeRO-3 (every parameter sharded), 2 ranks onto 1, over two steps after the resume."""
+    zero3 = (f"networks.a.deepspeed={ZERO_CONFIGS[3]}", f"networks.b.deepspeed={ZERO_CONFIGS[3]}", "train.steps=4")
+    straight, resumed = tmp_path / "straight2", tmp_path / "resumed1"
+    run_on_ranks(straight_then_resume, 2, (straight, None, None, zero3), timeout=240)
+    tag_dir = straight / "checkpoints" / "step_00000002"
+    output, state = run_on_ranks(straight_then_resume, 1, (tmp_path / "straight1", resumed, tag_dir, zero3),
+                                 timeout=300)
+    check_resumed(output, state, tag_dir, metrics(tmp_path / "straight1"), metrics(resumed), 2, 1)
 
 
 def test_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):

@@ -1,10 +1,12 @@
-"""One endless stream of encoded samples: resampled shards through a reservoir shuffle buffer.
+"""One endless stream of encoded samples: its share of each pass over the shards (data/shard_passes.py),
+read in order through a reservoir shuffle buffer.
 
-Its position is small and exact: the generator state, the shard being read and how far, and for each
-buffered sample where it came from (shard, ordinal, byte offset). restore() rebuilds the buffer by
-reading those samples again (bytes only, no decoding; one seek each in a plain .tar file, so about
-shuffle_buffer samples are read, not the shards they came from), and a resumed stream continues with
-exactly the samples an uninterrupted one would have produced.
+Its position is small and exact: the generator state, the pass, the work items still to read (the shard
+being read first, with how far), and for each buffered sample where it came from (shard, ordinal, byte
+offset). restore() rebuilds the buffer by reading those samples again (bytes only, no decoding; one seek
+each in a plain .tar file, so about shuffle_buffer samples are read, not the shards they came from), and
+a resumed stream continues with exactly the samples an uninterrupted one would have produced. carry_on()
+starts a stream from another run's leftovers instead (a changed number of streams: train_loader.py).
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import random
 from collections import defaultdict
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from mokd_scale.data.seeds import random_state, set_random_state
+from mokd_scale.data.shard_passes import pass_shards
 from mokd_scale.data.tar_stream import OFFSET, read_samples_at, read_shard, seekable
 
 log = logging.getLogger(__name__)
@@ -28,15 +30,20 @@ NO_SHARD = -1
 
 
 class ShardSampleStream:
-    """Samples drawn by `rng`: each shard picked with replacement from `urls`, read in order, mixed
-    through a buffer of `buffer_size` (a random buffered sample leaves for each one that enters)."""
+    """Samples of stream `stream` of `streams`: its shards of each pass (from `first_pass` on), each read in
+    order, mixed through a buffer of `buffer_size` (a random buffered sample leaves for each one that enters)."""
 
-    def __init__(self, urls: list[str], buffer_size: int, rng: random.Random):
+    def __init__(self, urls: list[str], buffer_size: int, rng: random.Random, seed: int = 0, stream: int = 0,
+                 streams: int = 1, first_pass: int = 0):
         self.urls = urls
         self.buffer_size = buffer_size
         self.rng = rng
+        self.seed, self.stream, self.streams = seed, stream, streams
         self.buffer: list[dict] = []
-        self.origins = np.zeros((buffer_size, 3), dtype=np.int64)  # (shard, ordinal, offset) per buffered sample
+        self.origins: list[tuple[int, int, int]] = []  # (shard, ordinal, offset) per buffered sample
+        self.pass_index = first_pass - 1  # the pass of the last share taken; the first read takes first_pass
+        self.queue: list[tuple[int, int, int, int]] = []  # (pass, shard, taken, last_offset) still to read
+        self.item_pass = first_pass  # the pass of the shard being read
         self.shard = NO_SHARD  # the shard being read, NO_SHARD between shards
         self.taken = 0  # samples taken from it so far
         self.last_offset = 0  # where the last of them starts
@@ -45,9 +52,15 @@ class ShardSampleStream:
         self.read_errors = 0  # since the last take_read_errors()
 
     def next(self) -> dict:
+        if len(self.buffer) > self.buffer_size:  # carried over from more streams: drain to size first
+            slot = self.rng.randrange(len(self.buffer))
+            self.origins[slot], self.origins[-1] = self.origins[-1], self.origins[slot]
+            self.buffer[slot], self.buffer[-1] = self.buffer[-1], self.buffer[slot]
+            self.origins.pop()
+            return self.buffer.pop()
         while len(self.buffer) < self.buffer_size:
             origin, sample = self._next_from_shards()
-            self.origins[len(self.buffer)] = origin
+            self.origins.append(origin)
             self.buffer.append(sample)
         origin, sample = self._next_from_shards()
         slot = self.rng.randrange(self.buffer_size)
@@ -61,10 +74,9 @@ class ShardSampleStream:
 
     def _next_from_shards(self) -> tuple[tuple[int, int, int], dict]:
         while True:
-            if self.reader is None:
-                self.shard, self.taken = self.rng.randrange(len(self.urls)), 0
-                self.reader = read_shard(self.urls[self.shard])
             try:
+                if self.reader is None:
+                    self._open_next()
                 sample = next(self.reader)
             except StopIteration:
                 self._end_shard()
@@ -78,6 +90,15 @@ class ShardSampleStream:
             self.taken, self.last_offset = self.taken + 1, sample[OFFSET]
             return origin, sample
 
+    def _open_next(self) -> None:
+        """The next work item; at the end of the queue, this stream's share of the next pass."""
+        if not self.queue:
+            self.pass_index += 1
+            shards = pass_shards(len(self.urls), self.seed, self.pass_index, self.stream, self.streams)
+            self.queue = [(self.pass_index, shard, 0, 0) for shard in shards]
+        self.item_pass, self.shard, self.taken, self.last_offset = self.queue.pop(0)
+        self.reader = self._reader_after_taken()
+
     def _end_shard(self) -> None:
         self.empty_in_a_row = 0 if self.taken else self.empty_in_a_row + 1
         if self.empty_in_a_row >= MAX_EMPTY_SHARDS_IN_A_ROW:
@@ -86,35 +107,40 @@ class ShardSampleStream:
         self.reader, self.shard = None, NO_SHARD
 
     # --- position ------------------------------------------------------------------------------
+    def work(self) -> list[tuple[int, int, int, int]]:
+        """(pass, shard, taken, last_offset) of everything this stream has yet to read, in order."""
+        current = [(self.item_pass, self.shard, self.taken, self.last_offset)] if self.shard != NO_SHARD else []
+        return current + list(self.queue)
+
     def state(self) -> dict:
         """Plain values and tensors (checkpoints load with torch.load(weights_only=True))."""
-        return {"rng": random_state(self.rng), "shard": self.shard, "taken": self.taken,
-                "last_offset": self.last_offset, "empty_in_a_row": self.empty_in_a_row,
-                "origins": torch.from_numpy(self.origins[:len(self.buffer)].copy())}
+        return {"rng": random_state(self.rng), "pass": self.pass_index, "empty_in_a_row": self.empty_in_a_row,
+                "work": torch.tensor(self.work(), dtype=torch.int64).reshape(-1, 4),
+                "origins": torch.tensor(self.origins, dtype=torch.int64).reshape(-1, 3)}
 
     def restore(self, state: dict) -> None:
         set_random_state(self.rng, state["rng"])
         self.empty_in_a_row = int(state["empty_in_a_row"])
-        origins = [tuple(origin) for origin in state["origins"].tolist()]
+        self.carry_on([tuple(origin) for origin in state["origins"].tolist()],
+                      [tuple(item) for item in state["work"].tolist()], int(state["pass"]))
+
+    def carry_on(self, origins: list[tuple[int, int, int]], work: list[tuple[int, int, int, int]],
+                 pass_index: int) -> None:
+        """Continue from these buffered samples and work items; then the share of pass pass_index + 1."""
         samples = read_samples(self.urls, origins)
         kept = [origin for origin in origins if origin in samples]
         if len(kept) < len(origins):
             log.warning("%d of %d buffered samples could not be read again (shards changed?): the data order "
                         "after this resume differs from an uninterrupted run", len(origins) - len(kept), len(origins))
-        self.buffer = [samples[origin] for origin in kept]
-        self.origins[:len(kept)] = np.asarray(kept, dtype=np.int64).reshape(-1, 3)
-        self.shard, self.taken, self.reader = int(state["shard"]), int(state["taken"]), None
-        self.last_offset = int(state["last_offset"])
-        if self.shard != NO_SHARD:
-            try:
-                self.reader = self._reader_after_last_taken()
-            except Exception as err:  # noqa: BLE001 - StopIteration included: the shard changed
-                log.warning("shard %s cannot be read to where the saved stream stood (%s): moving on to the "
-                            "next shard", self.urls[self.shard], err)
-                self.reader, self.shard = None, NO_SHARD
+        self.buffer, self.origins = [samples[origin] for origin in kept], kept
+        self.queue, self.pass_index = list(work), pass_index
+        self.reader, self.shard = None, NO_SHARD
 
-    def _reader_after_last_taken(self) -> Iterator[dict]:
+    def _reader_after_taken(self) -> Iterator[dict]:
+        """The shard's samples after the first `taken` (all of them when none was taken)."""
         url = self.urls[self.shard]
+        if self.taken == 0:
+            return read_shard(url)
         if seekable(url):
             reader = read_shard(url, start=self.last_offset)
             next(reader)  # the last sample taken

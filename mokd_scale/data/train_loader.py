@@ -1,19 +1,25 @@
-"""Training loader: resampled shards -> shuffle buffer -> decode + multi-crop -> uint8 micro-batches.
+"""Training loader: passes over the shards -> shuffle buffer -> decode + multi-crop -> uint8 micro-batches.
 
-Why resampling: every DataLoader worker of every rank draws shards with replacement from the whole
-list, so no worker can run dry (fewer shards than ranks x workers still works) and every rank yields
-micro-batches forever; an "epoch" is a fixed number of micro-batches per worker that only re-seeds the
-streams. Equal step counts on every rank follow, which is what keeps ZeRO collectives from hanging.
+Streams and passes: every DataLoader worker of every rank runs one stream; pass q deals all shards over
+the run's streams (data/shard_passes.py), so within a pass each sample is read once, by one stream, and
+a stream that finishes its share goes on with its share of the next pass: no stream runs dry (fewer
+shards than streams still works, the streams then share shards), and every rank yields micro-batches
+forever. An "epoch" of steps is a fixed number of micro-batches per stream that re-seeds the shuffle and
+augmentation draws from (seed, epoch, rank, stream); equal step counts on every rank follow, which is
+what keeps ZeRO collectives from hanging. A pass ends near, not exactly at, an epoch boundary (shards
+hold different numbers of samples).
 
-Seeds and resume: each worker runs one logical stream whose shard, shuffle and augmentation draws are
-re-seeded at each epoch from (seed, epoch, rank, stream). Every batch carries its stream's position
-(ShardSampleStream.state plus the epoch and augmentation generator); TrainLoader keeps the position
-after the last batch the training consumed, and a checkpoint stores it per rank. A resumed loader
-restores every stream there and rotates the streams over the workers so that the worker serving the
-first batch (the DataLoader takes batches from its workers round-robin) runs the stream whose turn it
-was: the resumed run sees exactly the batches of an uninterrupted one. Without a usable position (a
-checkpoint from another world size, worker count or shard list) the streams restart at the step's
-epoch with the step mixed into the seeds: fresh samples, not a replay of the epoch's first ones.
+Resume: every batch carries its stream's position (ShardSampleStream.state plus the epoch and
+augmentation generator); TrainLoader keeps the position after the last batch the training consumed,
+and a checkpoint stores it per rank. On the same world size and worker count, a resumed loader restores
+every stream there and rotates the streams over the workers so that the worker serving the first batch
+(the DataLoader takes batches from its workers round-robin) runs the stream whose turn it was: the
+resumed run sees exactly the batches of an uninterrupted one. On another world size, whatever the
+worker counts (continue_from_ranks), what all the saved streams had not yet handed out (their buffered
+samples, the rest of the shards they were reading, their remaining shares of the pass) is dealt over
+the new streams, whose draws are seeded afresh from the step: within the pass, no sample is read twice and
+none is left out (docs/cluster.md says what a shuffle buffer does at the pass's end). A checkpoint of
+another shard list or seed restarts the streams at the step's pass with the step mixed into the seeds.
 """
 from __future__ import annotations
 
@@ -31,73 +37,97 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mokd_scale.config import gradient_accumulation_steps, steps_per_epoch
 from mokd_scale.data.multicrop import MultiCrop, stack_crops
 from mokd_scale.data.seeds import mixed_seed, random_state, set_random_state
+from mokd_scale.data.shard_passes import share_of, unread_work
 from mokd_scale.data.shard_spec import resolve_shards
 from mokd_scale.data.shard_stream import ShardSampleStream
 from mokd_scale.data.synthetic import SyntheticTrainStream
 from mokd_scale.data.tar_stream import image_bytes, label_of
 
 log = logging.getLogger(__name__)
-POSITION_FORMAT = 1
+POSITION_FORMAT = 2
 PR_SET_PDEATHSIG = 1  # prctl option: a signal for this process when its parent dies
 
 
 class ShardTrainStream(IterableDataset):
-    """Endless micro-batches from tar shards; one independent stream per DataLoader worker."""
+    """Endless micro-batches from tar shards; one stream per DataLoader worker (`workers` of them, 0: one)."""
 
     def __init__(self, urls, data_cfg, micro_batch_size, rank, seed, start_step, first_epoch,
-                 batches_per_epoch_per_rank):
+                 batches_per_epoch_per_rank, world_size: int = 1, workers: int = 0):
         self.urls = urls
         self.augment = MultiCrop.from_config(data_cfg)
         self.shuffle_buffer = max(1, int(data_cfg.shuffle_buffer))
         self.micro_batch_size = micro_batch_size
-        self.rank, self.seed = rank, seed
+        self.rank, self.seed, self.world_size = rank, seed, world_size
+        self.streams = max(1, workers)
         self.first_epoch = first_epoch
         self.batches_per_epoch_per_rank = batches_per_epoch_per_rank
-        self.positions: dict[int, dict] = {}  # stream -> saved position to continue from
+        # stream -> the position it continues from: where a fresh stream starts, until a checkpoint says otherwise
+        self.positions: dict[int, dict] = {stream: start_of_epoch(first_epoch, first_epoch - 1)
+                                           for stream in range(self.streams)}
         self.first_stream = 0  # the stream DataLoader worker 0 runs: the one whose batch comes next
-        # A fresh start mid-run mixes the step into the seeds, so that it does not repeat the samples
-        # its epoch began with; a continued position needs the seeds of the run that saved it.
+        # A fresh start mid-run mixes the step into the seeds, so that it does not repeat the draws its epoch
+        # began with; a continued position needs the seeds of the run that saved it.
         self.salt = start_step
-        self.continued = False
+        self.continued = self.carried = False
 
-    def continue_from(self, saved: dict, streams: int) -> None:
-        """Take a TrainLoader.state_dict(); one saved with other settings is refused with a warning."""
-        if saved.get("format") != POSITION_FORMAT or saved.get("fingerprint") != self.fingerprint(streams):
+    def continue_from(self, saved: dict) -> None:
+        """Take a TrainLoader.state_dict() of the same world size; one saved with other settings is refused
+        with a warning."""
+        if saved.get("format") != POSITION_FORMAT or saved.get("fingerprint") != self.fingerprint():
             log.warning("the saved data position was written with another shard list, worker count, world "
                         "size or batch size: the data streams restart with fresh samples")
             return
         self.positions = {int(stream): position for stream, position in saved["positions"].items()}
         self.first_stream = int(saved["next_stream"])
-        self.salt, self.first_epoch, self.continued = 0, 0, True
+        self.salt, self.continued = int(saved["salt"]), True
 
-    def fingerprint(self, streams: int) -> int:
+    def continue_from_ranks(self, saved: list[dict]) -> None:
+        """Every saved rank's TrainLoader.state_dict(), in rank order, of another world size (any worker count):
+        this rank's streams take their share of what the saved streams had not yet handed out."""
+        if any(rank.get("format") != POSITION_FORMAT or rank.get("shards") != self.shards_fingerprint()
+               for rank in saved):
+            log.warning("the saved data positions were written with another shard list or seed (or an older "
+                        "mokd_scale): the data streams restart with fresh samples")
+            return
+        old = [position["samples"] for rank in saved for _, position in sorted(rank["positions"].items())]
+        buffered, work, last_pass = unread_work(old, len(self.urls), self.seed)
+        total = self.world_size * self.streams
+        for stream in range(self.streams):
+            origins, items = share_of(buffered, work, self.rank * self.streams + stream, total)
+            self.positions[stream] = start_of_epoch(self.first_epoch, last_pass, items, origins)
+        self.carried = True
+
+    def fingerprint(self) -> int:
         """What a saved position depends on; another value means it cannot be replayed here."""
         key = repr((self.urls, self.shuffle_buffer, self.micro_batch_size, self.rank, self.seed,
-                    self.batches_per_epoch_per_rank, streams))
+                    self.batches_per_epoch_per_rank, self.streams, self.world_size))
         return zlib.crc32(key.encode())
 
-    def _stream_id(self) -> tuple[int, int]:
+    def shards_fingerprint(self) -> int:
+        """What the passes depend on: saved leftovers of another shard list or seed are not this run's."""
+        return zlib.crc32(repr((self.urls, self.seed)).encode())
+
+    def _stream_id(self) -> int:
         info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return (worker + self.first_stream) % workers, workers
+        worker = 0 if info is None else info.id
+        return (worker + self.first_stream) % self.streams
 
     def __iter__(self):
-        stream, streams = self._stream_id()
-        share, extra = divmod(self.batches_per_epoch_per_rank, streams)
+        stream = self._stream_id()
+        share, extra = divmod(self.batches_per_epoch_per_rank, self.streams)
         # Never zero: a stream that yields nothing stalls its rank (and then every rank).
         batches_per_epoch = max(1, share + (stream < extra))
         stream_rng, augment_rng = random.Random(), random.Random()
-        samples = ShardSampleStream(self.urls, self.shuffle_buffer, stream_rng)
-        epoch, batch = self.first_epoch, 0
-        position = self.positions.get(stream)
-        if position is not None:
-            samples.restore(position["samples"])
-            set_random_state(augment_rng, position["augment_rng"])
-            epoch, batch = int(position["epoch"]), int(position["batch"])
+        samples = ShardSampleStream(self.urls, self.shuffle_buffer, stream_rng, self.seed,
+                                    self.rank * self.streams + stream, self.world_size * self.streams)
+        position = self.positions[stream]
+        samples.restore(position["samples"])
+        set_random_state(augment_rng, position["augment_rng"])
+        epoch, batch = int(position["epoch"]), int(position["batch"])
         while True:
             if batch == 0:
-                # Re-seeding in place changes every draw from here on (shard choice, shuffle, crops) while
-                # the shuffle buffer carries over: no refill stall (and re-read) at each epoch start.
+                # Re-seeding in place changes every draw from here on (shuffle, crops) while the shuffle
+                # buffer carries over: no refill stall (and re-read) at each epoch start.
                 stream_rng.seed(mixed_seed(self.seed, epoch, self.rank, stream, self.salt, 0))
                 augment_rng.seed(mixed_seed(self.seed, epoch, self.rank, stream, self.salt, 1))
             micro_batch = self._batch(samples, augment_rng)
@@ -157,7 +187,8 @@ class TrainLoader:
         """None for the synthetic source, whose batches follow from the step alone."""
         if not isinstance(self.dataset, ShardTrainStream):
             return None
-        return {"format": POSITION_FORMAT, "fingerprint": self.dataset.fingerprint(self.streams),
+        return {"format": POSITION_FORMAT, "fingerprint": self.dataset.fingerprint(),
+                "shards": self.dataset.shards_fingerprint(), "salt": self.dataset.salt,
                 "next_stream": self.next_stream, "positions": dict(self.positions)}
 
     def load_state_dict(self, position: dict | None) -> None:
@@ -165,20 +196,46 @@ class TrainLoader:
         workers receive the dataset then)."""
         if position is None or not isinstance(self.dataset, ShardTrainStream):
             return
-        self.dataset.continue_from(position, self.streams)
+        self.dataset.continue_from(position)
         self.positions = dict(self.dataset.positions)
         self.next_stream = self.dataset.first_stream
+
+    def load_state_dicts_of_ranks(self, positions: list[dict | None]) -> None:
+        """Every rank's state_dict() of a run on another world size, in rank order (train/state.py)."""
+        if not isinstance(self.dataset, ShardTrainStream) or any(p is None for p in positions):
+            return
+        self.dataset.continue_from_ranks(positions)
+        self.positions = dict(self.dataset.positions)
 
     @property
     def continued(self) -> bool:
         """Whether the streams continue a saved position (False: fresh streams, or the synthetic source)."""
         return bool(getattr(self.dataset, "continued", False))
 
+    @property
+    def carried(self) -> bool:
+        """Whether the streams took over another world size's unread samples."""
+        return bool(getattr(self.dataset, "carried", False))
+
+
+def start_of_epoch(epoch: int, pass_index: int, work=(), origins=()) -> dict:
+    """A stream's position at the start of `epoch`, before its first batch: with `work` items and buffered
+    `origins` to read first (data/shard_passes.py), then its share of pass pass_index + 1. The generator
+    states are placeholders: the epoch's start re-seeds both."""
+    placeholder = random_state(random.Random(0))
+    return {"epoch": epoch, "batch": 0, "augment_rng": placeholder, "samples": {
+        "rng": placeholder, "pass": pass_index, "empty_in_a_row": 0,
+        "work": torch.tensor(list(work), dtype=torch.int64).reshape(-1, 4),
+        "origins": torch.tensor(list(origins), dtype=torch.int64).reshape(-1, 3)}}
+
 
 def end_with_the_rank(worker_id: int) -> None:
-    """A killed rank's workers would live on for up to 5 s (PyTorch polls for the parent), holding the
+    """Workers leave SIGTERM to their rank: scancel (preemption) signals every process of the job, and a
+    worker that died of it would fail the rank's next batch before the rank could save its checkpoint.
+    A killed rank's workers would live on for up to 5 s (PyTorch polls for the parent), holding the
     rank's output open, and Slurm ends the job step only when that closes; the kernel ends them with
     the rank instead (Linux; elsewhere the polling stays)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the rank died before the line above
@@ -200,10 +257,10 @@ def build_train_loader(config, rank: int, world_size: int, start_step: int = 0) 
         shards = resolve_shards(data_cfg.train_shards, "data.train_shards")
         if len(shards.urls) < world_size * max(1, workers) and rank == 0:
             log.warning("data.train_shards has %d shards for %d ranks x %d workers: streams will "
-                        "share shards (fine with resampling, but use more shards for real runs)",
+                        "share shards, and a pass reads some samples twice (use more shards for real runs)",
                         len(shards.urls), world_size, max(1, workers))
         dataset = ShardTrainStream(shards.urls, data_cfg, micro_batch_size, rank, seed, start_step,
-                                   first_epoch, epoch_steps * accumulation)
+                                   first_epoch, epoch_steps * accumulation, world_size, workers)
     else:
         raise ValueError(f"data.source={data_cfg.source!r}: expected 'shards' or 'synthetic'")
     return TrainLoader(dataset, workers, epoch_steps, accumulation)

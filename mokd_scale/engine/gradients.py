@@ -28,6 +28,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from mokd_scale.engine.zero_layout import zero3_shard_starts
 from mokd_scale.runtime import dist
 from mokd_scale.runtime.profiling import phase
 
@@ -156,13 +157,9 @@ class GradientGate:
 
     def zero3_locations(self, flat: torch.Tensor) -> dict[int, tuple[int, int]]:
         """ZeRO-3 shards every parameter over the ranks; a sub-group's fp32 partition is the
-        concatenation of its parameters' shards, laid out like the low-precision shards' buffer."""
-        wrapper = self.wrapper
-        sub_group = next(i for i, t in enumerate(wrapper.fp32_partitioned_groups_flat) if t is flat)
-        low_precision = wrapper.fp16_partitioned_groups_flat[sub_group]
-        size = low_precision.element_size()
-        return {id(param): ((param.ds_tensor.data_ptr() - low_precision.data_ptr()) // size, param.ds_tensor.numel())
-                for param in wrapper.fp16_groups[sub_group]}
+        concatenation of its parameters' shards (engine/zero_layout.py)."""
+        sub_group = next(i for i, t in enumerate(self.wrapper.fp32_partitioned_groups_flat) if t is flat)
+        return zero3_shard_starts(self.wrapper, sub_group)
 
     @staticmethod
     def tensor_norms(grads: list[torch.Tensor], slots: list[int], partitioned: bool, count: int) -> list[float]:

@@ -18,6 +18,7 @@ from mokd_scale.engine.deepspeed_config import deepspeed_config, resolve_precisi
 from mokd_scale.engine.ema import TeacherEMA
 from mokd_scale.engine.gradients import GradientGate
 from mokd_scale.engine.optim import LAST_LAYER, apply_schedule, build_optimizer, parameter_groups
+from mokd_scale.engine.reshard import load_resharded
 from mokd_scale.engine.term_gradients import backbone_gradient_norms, replayable
 from mokd_scale.method.centers import Centers
 from mokd_scale.method.forward import StudentOutputs, TeacherOutputs, student_forward, teacher_forward
@@ -122,17 +123,23 @@ class Learner:
         """Collective: the student and its optimizer state under tag_dir/<name>/ (DeepSpeed's layout)."""
         self.engine.save_checkpoint(str(tag_dir), tag=self.name, save_latest=False)
 
-    def load_engine(self, tag_dir: Path, engine_tag: str | None = None, universal: bool = False) -> None:
-        """engine_tag: the folder under tag_dir (default: this network's name; a universal copy has its own)."""
-        # DeepSpeed reads this flag only while loading, so it is set for this load alone.
-        self.engine._config.load_universal_checkpoint = universal
-        try:
-            path, _ = self.engine.load_checkpoint(str(tag_dir), tag=engine_tag or self.name,
-                                                  load_lr_scheduler_states=False)
-        finally:
-            self.engine._config.load_universal_checkpoint = False
+    def load_engine(self, tag_dir: Path, optimizer_states: bool = True) -> None:
+        """The engine's own load from tag_dir/<name>/; optimizer_states=False: the module's weights and the
+        engine's counters only (load_resharded adds the rest)."""
+        path, _ = self.engine.load_checkpoint(str(tag_dir), tag=self.name, load_optimizer_states=optimizer_states,
+                                              load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"checkpoint {tag_dir} has no engine state for network {self.name}")
+
+    def load_resharded(self, tag_dir: Path, whole_weights: Callable[[], dict[str, torch.Tensor]]) -> None:
+        """ZeRO state saved by another number of ranks: the module's weights (ZeRO-1/2: the engine's own load,
+        with its counters; ZeRO-3, whose per-rank files do not fit another world size: `whole_weights()`), then
+        this rank's new partitions of the fp32 weights and of every optimizer state key (engine/reshard.py)."""
+        if self.zero_stage == 3:
+            self.load_student_weights(whole_weights())
+        else:
+            self.load_engine(tag_dir, optimizer_states=False)
+        load_resharded(self.engine.optimizer, Path(tag_dir) / self.name)
 
     def load_student_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """fp32 student weights into the engine's module and its fp32 master copy (optimizer state untouched)."""

@@ -26,8 +26,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -292,34 +290,15 @@ def load_state(tag_dir: Path) -> dict:
         raise CheckpointError(f"cannot read {Path(tag_dir) / STATE_FILE}: {error}") from error
 
 
-ENGINE, UNIVERSAL, WEIGHTS_ONLY = "engine", "universal", "weights_only"
+ENGINE, RESHARD = "engine", "reshard"
 
 
-def resume_plan(saved_world_size: int | None, zero_stage: int, optimizer: str) -> str:
-    """How to load one engine. ZeRO optimizer state is partitioned by the saving world size:
-    another size loads DeepSpeed's universal copy (Adam-family only) or fp32 weights alone."""
+def resume_plan(saved_world_size: int | None, zero_stage: int) -> str:
+    """How to load one engine. ZeRO optimizer state is partitioned by the saving world size: another size
+    re-cuts every state key onto its own partitions (engine/reshard.py)."""
     if zero_stage == 0 or saved_world_size == dist.world_size():
         return ENGINE
-    return UNIVERSAL if optimizer == "adamw" else WEIGHTS_ONLY
-
-
-def universal_dir_name(name: str) -> str:
-    return f"{name}_universal"
-
-
-def convert_to_universal(tag_dir: Path, name: str) -> None:
-    """DeepSpeed's converter, once (rank 0), for a resume onto a different number of ranks."""
-    target = tag_dir / universal_dir_name(name)
-    if dist.rank() == 0 and not (target / ".complete").exists():
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                   "--input_folder", str(tag_dir / name), "--output_folder", str(target), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1", "--inject_missing_state"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"converting {tag_dir / name} to a universal checkpoint failed; run by hand:\n  "
-                               f"{' '.join(command)}\n{result.stderr[-2000:]}")
-        (target / ".complete").touch()
-    dist.barrier()
+    return RESHARD
 
 
 # ---------------------------------------------------------------------------------- for the tools

@@ -91,8 +91,10 @@ class Trainer:
         self.state = run_state(self.learners, self.loader, self.progress)
         if saved is not None:
             notes = self.state.load(resume_dir, saved)
-            self.log(f"resumed from {resume_dir.name} (step {self.progress.step}, saved by "
-                     f"{saved.get('world_size')} ranks, now {info.world_size})" + "".join(f"; {n}" for n in notes))
+            rng = "restored" if saved.get("world_size") == info.world_size else "re-seeded from the step"
+            self.log(f"resumed from {resume_dir.name} (step {self.progress.step}, saved by {saved.get('world_size')} "
+                     f"ranks, now {info.world_size}): teachers, centres and step loaded; " + "; ".join(notes) +
+                     f"; data {self.data_resume_note()}; RNG {rng}")
         self.schedules = Schedules.build(config)
         self.objective = Objective(config)
         self.step = Step(self.learners, self.objective, self.schedules, config)
@@ -192,6 +194,8 @@ class Trainer:
             return "synthetic (a function of the step)"
         if self.loader.continued:
             return "continues the saved stream positions"
+        if self.loader.carried:
+            return "streams take over the unread samples of the saved ranks' streams"
         return "starts fresh streams" + (" (no usable saved position)" if self.progress.step else "")
 
     def log_metrics(self, step: int, meter: StepAccumulator) -> None:

@@ -3,8 +3,8 @@
 manifest.json is written into the tag after every rank's files are on disk and before `latest` moves,
 so a tag without one is an interrupted save. verify() compares a tag with its manifest: a file missing
 or of another size (a disk that filled up, a cleanup script, a copy cut short) or a state file whose
-checksum changed makes the tag untrusted. Files added later (the universal copy made for a resume on
-another world size) are allowed. The engines' large files get sizes only: hashing gigabytes at every
+checksum changed makes the tag untrusted. Files added later (a copy converted by hand, say) are
+allowed. The engines' large files get sizes only: hashing gigabytes at every
 save and resume would cost more than the damage it finds beyond truncation.
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ SHARED and RANK parts have `state_dict()` / `load_state_dict(state)`; ENGINE par
 `load(tag_dir, saved_world_size) -> note`.
 
 Resuming onto another number of ranks: SHARED parts load as they are (world-size independent); ENGINE
-parts convert (train/checkpoint.py: resume_plan); RANK parts saved by other ranks do not apply: the RNG
-is re-seeded from the step and the data streams restart.
+parts re-cut their ZeRO partitions (train/checkpoint.py: resume_plan, engine/reshard.py); a RANK part
+with `load_state_dicts_of_ranks` receives every saved rank's state (the data streams deal what they had
+not yet handed out over the new ranks), the others (the RNG) stay as the step seeded them.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mokd_scale.engine.zero_layout import LayoutError
 from mokd_scale.runtime import dist
 from mokd_scale.train import checkpoint
 from mokd_scale.train.checkpoint import CheckpointError
@@ -79,9 +81,19 @@ class RunState:
             for part in self.of_scope(RANK):
                 part.obj.load_state_dict(ranks.get(part.name))
         else:
-            notes.append(f"{', '.join(p.name for p in self.of_scope(RANK))} of {saved.get('world_size')} ranks do "
-                         f"not apply to {dist.world_size()}: RNG re-seeded from the step, data streams restart")
+            self.load_rank_parts_of_all(tag_dir, saved.get("world_size"))
         return [note for note in notes if note]
+
+    def load_rank_parts_of_all(self, tag_dir: Path, saved_world_size: int | None) -> None:
+        """Another world size: a RANK part that can take every saved rank's state (the data streams' unread
+        samples) gets them all, in rank order; the others (the RNG) keep what the step seeded."""
+        takers = [part for part in self.of_scope(RANK) if hasattr(part.obj, "load_state_dicts_of_ranks")]
+        files = [Path(tag_dir) / checkpoint.rank_file_name(rank) for rank in range(saved_world_size or 0)]
+        if not takers or not files or not all(path.is_file() for path in files):
+            return
+        ranks = [torch.load(path, map_location="cpu", weights_only=True) for path in files]
+        for part in takers:
+            part.obj.load_state_dicts_of_ranks([rank.get(part.name) for rank in ranks])
 
 
 def lookup(saved: dict, name: str, tag_dir: Path):
@@ -139,20 +151,18 @@ class EngineFiles:
 
     def load(self, tag_dir: Path, saved_world_size: int | None) -> str:
         learner, name = self.learner, self.learner.name
-        plan = checkpoint.resume_plan(saved_world_size, learner.zero_stage, learner.net_cfg.optimizer)
-        if plan == checkpoint.ENGINE:
+        if checkpoint.resume_plan(saved_world_size, learner.zero_stage) == checkpoint.ENGINE:
             learner.load_engine(tag_dir)
-            return ""
-        if plan == checkpoint.UNIVERSAL:
-            checkpoint.convert_to_universal(tag_dir, name)
-            learner.load_engine(tag_dir, checkpoint.universal_dir_name(name), universal=True)
-            return (f"network {name}: saved by {saved_world_size} ranks, resuming on {dist.world_size()}: converted "
-                    f"to a DeepSpeed universal checkpoint")
-        learner.load_student_weights(checkpoint.student_weights(tag_dir, name))
-        optimizer = learner.net_cfg.optimizer
-        return (f"WARNING network {name}: {optimizer} state sharded over {saved_world_size} ranks cannot be "
-                f"re-sharded onto {dist.world_size()} (DeepSpeed's universal format is Adam-only): fp32 weights "
-                f"restored, {optimizer} momentum restarts from zero")
+            return f"network {name}: weights and {learner.net_cfg.optimizer} state loaded"
+        try:
+            learner.load_resharded(tag_dir, lambda: checkpoint.student_weights(tag_dir, name))
+        except LayoutError as error:
+            raise CheckpointError(f"network {name}: its ZeRO-{learner.zero_stage} state saved by {saved_world_size} "
+                                  f"ranks cannot be re-cut for {dist.world_size()}: {error}. Resume on "
+                                  f"{saved_world_size} ranks, or start afresh with --resume none in a new "
+                                  f"output_dir") from error
+        return (f"network {name}: weights and {learner.net_cfg.optimizer} state re-sharded from "
+                f"{saved_world_size} ranks onto {dist.world_size()}")
 
 
 def run_state(learners: dict, loader, progress: Progress) -> RunState:
