@@ -453,6 +453,21 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
+def test_a_rank_that_stops_on_an_error_exits_though_its_workers_ignore_sigterm():
+    """The rank ends its busy workers at exit (they ignore the SIGTERM multiprocessing would send them and then
+    wait on): without that, a rank that crashed would hang and its job would never end."""
+    code = ("from mokd_scale.config import load_config\n"
+            "from mokd_scale.data import build_train_loader\n"
+            "config = load_config('tiny_cpu', ['data.source=synthetic', 'data.workers=2'])\n"
+            "batches = iter(build_train_loader(config, 0, 1))\n"
+            "next(batches)\n"
+            "raise RuntimeError('the step failed')\n")
+    rank = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert rank.returncode == 1
+    assert rank.stderr.strip().endswith("RuntimeError: the step failed"), rank.stderr[-2000:]
+
+
+@pytest.mark.integration
 def test_loader_workers_end_with_their_rank_and_leave_sigterm_to_it():
     """A worker ignores SIGTERM, which scancel sends to every process of the job: the rank saves a
     checkpoint on it, and needs its workers for that. A killed rank's loader worker must not outlive it:

@@ -24,8 +24,10 @@ another shard list or seed restarts the streams at the step's pass with the step
 from __future__ import annotations
 
 import contextlib
+import atexit
 import ctypes
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -174,6 +176,10 @@ class TrainLoader:
         self.loader = DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
                                  persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
                                  worker_init_fn=end_with_the_rank)
+        if workers > 0:
+            # Registered after multiprocessing's own exit handler, so it runs before that one.
+            atexit.unregister(kill_workers_at_exit)
+            atexit.register(kill_workers_at_exit)
 
     def __iter__(self):
         for batch in self.loader:
@@ -240,6 +246,18 @@ def end_with_the_rank(worker_id: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the rank died before the line above
             os._exit(1)
+
+
+def kill_workers_at_exit() -> None:
+    """The rank's exit ends its loader workers with SIGKILL. They ignore SIGTERM (end_with_the_rank), and
+    multiprocessing's exit handler ends daemonic children with SIGTERM and then waits for them without a
+    timeout: a rank that stops on an error with its workers still busy (their iterator not yet shut
+    down) would never exit, and its job would never end."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as worker failures
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 def build_train_loader(config, rank: int, world_size: int, start_step: int = 0) -> TrainLoader:
