@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,6 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mokd_scale.runtime import dist
 from mokd_scale.config import load_config
 from mokd_scale.runtime.profiling import current_phase
+from mokd_scale.tools.bench.compiled import GeneratedKernel, kernels_reported, listen
 from mokd_scale.tools.bench.step import (ZERO_CONFIGS, DdpStep, OurStep, add_recipe_args, batches_for_step,
                                          bench_config, bench_micro_batches, device_name, launch, recipe_overrides,
                                          start_rank)
@@ -72,11 +74,15 @@ HOST_SYNC_OPS = frozenset({"aten::is_nonzero", "aten::_local_scalar_dense"})
 
 
 def op_name(func) -> str:
+    if isinstance(func, GeneratedKernel):
+        return f"inductor::{func.name}"
     return f"{func._schema.name}.{func._overloadname}"
 
 
 def kind_of(func) -> str:
     """"collectives", "views" or "launching" (module doc)."""
+    if isinstance(func, GeneratedKernel):
+        return "launching"
     if func.namespace in COLLECTIVE_NAMESPACES:
         return "collectives"
     if (func.namespace == "profiler" or func.is_view or torch.Tag.inplace_view in func.tags
@@ -86,19 +92,41 @@ def kind_of(func) -> str:
 
 
 def is_host_sync(func) -> bool:
+    if isinstance(func, GeneratedKernel):
+        return False
     return func._schema.name in HOST_SYNC_OPS or any(tag in func.tags for tag in HOST_SYNC_TAGS)
 
 
 class OperatorCounter(TorchDispatchMode):
-    """Counts every operator dispatched while active, by (phase, operator)."""
+    """Counts every operator dispatched while active, by (phase, operator), and every call of a
+    kernel generated for a compiled region (mokd_scale/tools/bench/compiled.py)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.listening = contextlib.nullcontext()
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        return True  # dynamo runs compiled regions eagerly under any other dispatch mode
+
+    def __enter__(self):
+        self.listening = listen(self.record)
+        self.listening.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.listening.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[(current_phase(), func)] += 1
+        self.record(func)
         return func(*args, **(kwargs or {}))
+
+    def record(self, func) -> None:
+        self.counts[(current_phase(), func)] += 1
 
     def summary(self, steps: int = 1, top: int = 8) -> dict:
         """Per step, for each phase (in order of first appearance) and in total: operators of each
@@ -177,6 +205,11 @@ def count_loop(loop, pool: list[dict], args) -> dict:
 
 
 def ops_worker(args) -> dict:
+    with kernels_reported():  # before anything compiles: train.compile's kernels are then counted too
+        return count_loops(args)
+
+
+def count_loops(args) -> dict:
     info = start_rank(args)
     loops, report = {}, {}
     for zero in args.zero:
