@@ -46,7 +46,7 @@ def test_a_failed_or_out_of_memory_variant_keeps_the_others(monkeypatch):
 
     report = gpu.run_all(args, ["--micro-batches", "32,64", "--out", "elsewhere.json"], fake_process)
     assert [(r["variant"], r["micro_batch_size"], r["status"]) for r in report["variants"]] == [
-        ("eager", 32, "ok"), ("compile", 32, "oom"), ("eager", 64, "failed"), ("compile", 64, "ok")]
+        ("eager", 32, "ok"), ("eager", 64, "failed"), ("compile", 32, "oom"), ("compile", 64, "ok")]
     assert report["device"] == "cuda (X)"
     table = gpu.gpu_table(report)
     assert "oom: CUDA out of memory" in table and "failed: boom" in table and table.count(" ok") == 2

@@ -13,8 +13,10 @@ variant compiles then) and the host's lead (below).
 Each variant runs in its own process (this command with --only VARIANT:MICRO_BATCH), one after
 the other: an out-of-memory or a crash of one is reported as such and the others are kept. All of
 them share --budget seconds, first compiles included; each gets what is left, and one that has
-less than MIN_VARIANT_S left is reported as skipped. Order: micro-batches ascending, eager then
-compile for each, so the recipe's micro-batch is compared first.
+less than MIN_VARIANT_S left is reported as skipped. Order: every eager micro-batch (ascending), then
+the compiled ones (ascending): an eager variant takes about a minute, a compiled one several (each
+micro-batch is a new set of static shapes to compile), so the budget goes first to the whole eager
+curve, then to the recipe's micro-batch compiled.
 
 The host's lead (`host_ahead_share`): the share of a step's wall time during which the GPU runs
 kernels, from torch.profiler over one extra step. While the GPU has work queued the host is ahead
@@ -149,8 +151,8 @@ def run_all(args, argv: list[str], run_process=run_variant_process) -> dict:
     deadline = time.monotonic() + args.budget
     results = []
     with tempfile.TemporaryDirectory(prefix="mokd-bench-gpu-") as work:
-        for micro_batch in args.micro_batches:
-            for variant in args.variants:
+        for variant in args.variants:
+            for micro_batch in args.micro_batches:
                 left = deadline - time.monotonic()
                 entry = {"variant": variant, "micro_batch_size": micro_batch}
                 if left < MIN_VARIANT_S:
@@ -197,7 +199,8 @@ def parse_gpu_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mokd-bench gpu", description=__doc__.split("\n")[0])
     add_recipe_args(parser, default_config="vitl16_r152")
     parser.add_argument("--micro-batches", default="32,64,128", help="per-GPU micro-batches, comma-separated")
-    parser.add_argument("--variants", default="eager,compile", help="eager and/or compile (train.compile=true)")
+    parser.add_argument("--variants", default="eager,compile",
+                        help="eager and/or compile (train.compile=true), run in this order")
     parser.add_argument("--width", choices=("tiny", "recipe"), default="recipe",
                         help="recipe (default) or tiny: the recipe's depths and crops at tiny widths (a CPU check)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant")

@@ -34,12 +34,19 @@ Kinds (a precise rule, so before/after counts compare):
 A multi-tensor operator (torch._foreach_*) counts once: it is one dispatch (on CUDA it
 launches one kernel per chunk of its tensor lists).
 
+With `--set train.compile=true` the regions run compiled (inductor's C++ kernels on the CPU,
+fused much as Triton kernels on a GPU): each call of a kernel inductor generated counts as one
+launching operator named `inductor::cpp_fused_<the aten operators it fuses>`, and the library
+kernels a region calls (matmuls, convolutions) are counted as in eager, as their operators
+(mokd_scale/tools/bench/compiled.py: the rule, and why views inside a region are not counted).
+The counter is an "infra" dispatch mode: under any other, dynamo would run the regions eagerly.
+The first (--warmup) step compiles: minutes on a few cores.
+
 What a count on the CPU does not show of a GPU run: device-specific choices (torch's own
 defaults pick foreach only for CUDA tensors; the learner's optimizers are fused on both), bf16
-autocast casts (the teachers run under autocast on CUDA only), and the
-kernels inside regions compiled with train.compile, which are launched without the dispatcher
-(count with train.compile=false). DeepSpeed's gradient buckets hold 5e7 elements, so the
-flagship's full widths add a few operators per extra bucket.
+autocast casts (the teachers run under autocast on CUDA only), and inductor's CUDA-specific
+choices (it may fuse or split a little differently for Triton). DeepSpeed's gradient buckets hold
+5e7 elements, so the flagship's full widths add a few operators per extra bucket.
 
 Defaults: the flagship recipe at tiny width (--width tiny: the same depths, blocks, heads,
 crops and crop sizes; ViT width 8 per attention head, ResNet channels 8/16, K = 256,
