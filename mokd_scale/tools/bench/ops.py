@@ -1,7 +1,7 @@
 """mokd-bench ops: operators dispatched per optimizer step of the MOKD step, by phase and kind.
 
     mokd-bench ops [--config vitl16_r152] [--width tiny|recipe] [--zero 0,2] [--steps 1] [--warmup 1]
-                   [--set KEY=VALUE ...] [--no-ddp] [--nproc 1] [--out FILE]
+                   [--compiled no|yes|both] [--set KEY=VALUE ...] [--no-ddp] [--nproc 1] [--out FILE]
 
 Host overhead on a GPU grows with the number of operators the step dispatches (each one costs
 microseconds of Python, dispatcher and launch work whatever its size), and that number is the
@@ -34,10 +34,11 @@ Kinds (a precise rule, so before/after counts compare):
 A multi-tensor operator (torch._foreach_*) counts once: it is one dispatch (on CUDA it
 launches one kernel per chunk of its tensor lists).
 
-With `--set train.compile=true` the regions run compiled (inductor's C++ kernels on the CPU,
-fused much as Triton kernels on a GPU): each call of a kernel inductor generated counts as one
-launching operator named `inductor::cpp_fused_<the aten operators it fuses>`, and the library
-kernels a region calls (matmuls, convolutions) are counted as in eager, as their operators
+With `--compiled yes` (train.compile=true; `both`: eager and compiled side by side) the regions
+run compiled (inductor's C++ kernels on the CPU, fused much as Triton kernels are on a GPU):
+each call of a kernel inductor generated counts as one launching operator named
+`inductor::cpp_fused_<the aten operators it fuses>`, and the library kernels a region calls
+(matmuls, convolutions) are counted as in eager, as their operators
 (mokd_scale/tools/bench/compiled.py: the rule, and why views inside a region are not counted).
 The counter is an "infra" dispatch mode: under any other, dynamo would run the regions eagerly.
 The first (--warmup) step compiles: minutes on a few cores.
@@ -192,11 +193,11 @@ def tiny_width_overrides(config) -> list[str]:
     return sets
 
 
-def ops_config(args, info, zero: int):
+def ops_config(args, info, zero: int, compiled: bool = False):
     overrides = recipe_overrides([], zero, args.config)
     if args.width == "tiny":
         overrides += tiny_width_overrides(load_config(args.config, overrides + args.set))
-    overrides += args.set
+    overrides += args.set + (["train.compile=true"] if compiled else [])
     return bench_config(args.config, overrides, info.world_size, args.accumulation), overrides
 
 
@@ -220,13 +221,14 @@ def count_loops(args) -> dict:
     info = start_rank(args)
     loops, report = {}, {}
     for zero in args.zero:
-        config, overrides = ops_config(args, info, zero)
-        pool = bench_micro_batches(config, info, args.accumulation * (args.warmup + args.steps))
-        ours = OurStep(config, info)
-        loops[f"ours_zero{zero}"] = count_loop(ours, pool, args)
-        if not report:
-            report = describe(args, info, config, overrides, ours)
-        del ours
+        for compiled in args.compiled:
+            config, overrides = ops_config(args, info, zero, compiled)
+            pool = bench_micro_batches(config, info, args.accumulation * (args.warmup + args.steps))
+            ours = OurStep(config, info)
+            loops[f"ours_zero{zero}" + ("_compiled" if compiled else "")] = count_loop(ours, pool, args)
+            if not report:
+                report = describe(args, info, config, overrides, ours)
+            del ours
     if not args.no_ddp:  # ZeRO does not concern it: the last stage's recipe and crops will do
         loops["ddp"] = count_loop(DdpStep(config, info), pool, args)
     report["loops"] = loops
@@ -296,6 +298,9 @@ def parse_ops_args(argv) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="steps run before counting")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
     parser.add_argument("--no-ddp", action="store_true", help="count ours only")
+    parser.add_argument("--compiled", choices=("no", "yes", "both"), default="no",
+                        help="count ours with train.compile=true too (both: eager and compiled side by side; the "
+                             "first compiled step compiles, for minutes on a few cores)")
     args = parser.parse_args(argv)
     try:
         args.zero = [int(stage) for stage in args.zero.split(",")]
@@ -305,6 +310,7 @@ def parse_ops_args(argv) -> argparse.Namespace:
         parser.error(f"--zero stages must be among {sorted(ZERO_CONFIGS)}, got {args.zero}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    args.compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compiled]
     return args
 
 
