@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -202,14 +203,17 @@ def ops_config(args, info, zero: int, compiled: bool = False):
 
 
 def count_loop(loop, pool: list[dict], args) -> dict:
-    """Operators of --steps optimizer steps after --warmup steps, per step."""
+    """Operators of --steps optimizer steps after --warmup steps, per step; and the warm-up's
+    seconds (with train.compile, mostly compiling; inductor's on-disk cache shortens a rerun)."""
+    start = time.perf_counter()
     for step in range(args.warmup):
         loop.step(step, batches_for_step(pool, step, args.accumulation))
+    warmup_s = time.perf_counter() - start
     counter = OperatorCounter()
     with counter:
         for step in range(args.warmup, args.warmup + args.steps):
             loop.step(step, batches_for_step(pool, step, args.accumulation))
-    return counter.summary(args.steps)
+    return {**counter.summary(args.steps), "warmup_s": round(warmup_s, 1)}
 
 
 def ops_worker(args) -> dict:
@@ -271,6 +275,8 @@ def ops_table(report: dict, top: int = 3) -> str:
     for phase_name in phases:
         lines.append(f"{phase_name:<22}" + cells([loop["phases"].get(phase_name) for loop in loops.values()]))
     lines.append(f"{'total':<22}" + cells([loop["per_step"] for loop in loops.values()]))
+    lines.append(f"{'warm-up seconds':<22}" + "".join(f"{loop.get('warmup_s', '-'):>{widths}}"
+                                                       for loop in loops.values()))
     lines.append(f"{'host syncs (GPU)':<22}" + "".join(f"{fmt(loop['per_step']['host_syncs']):>{widths}}"
                                                          for loop in loops.values()))
     lines.append(f"most frequent launching operators per phase (top {top}):")
