@@ -24,6 +24,9 @@ def test_each_sample_is_dropped_or_scaled_as_timm_scales_it():
         # kept with probability 0.7: within 5 standard deviations of the binomial
         assert abs(kept.float().mean().item() - 0.7) < 5 * math.sqrt(0.7 * 0.3 / len(x))
     assert torch.equal(ours.eval()(x), x) and torch.equal(timms.eval()(x), x)
+    ours.bfloat16().to("meta")  # the rate follows the device, keeps fp32
+    assert (ours.keep_prob.device.type, ours.keep_prob.dtype, ours.scale.dtype) == ("meta", torch.float32,
+                                                                                     torch.float32)
 
 
 def blocks(rates) -> torch.nn.Sequential:

@@ -6,9 +6,10 @@ depth), so one compiled block frame recompiled once per block and per crop size,
 of the first step's compile time. Here the keep probability is a 0-dim fp32 tensor, an input of
 the graph rather than a constant, and every block shares one graph per input shape.
 
-The tensor is a plain attribute on the CPU, not a buffer: it is not in the state_dict (checkpoints,
-the teacher's copy of the student's buffers and exported backbones are unchanged), DeepSpeed's
-bf16 cast does not round it, and a 0-dim CPU tensor is a scalar to CUDA kernels.
+The tensor is a plain attribute, not a buffer: it is not in the state_dict (checkpoints, the
+teacher's copy of the student's buffers and exported backbones are unchanged) and the bf16 cast of
+a student's buffers does not round it. It follows the module's device (`_apply`): inductor would
+copy a CPU scalar to the GPU in every call of the graph, and wait for the copy.
 
 Same law as timm's (each sample's residual branch kept with probability 1 - rate and scaled by
 1 / (1 - rate)), not the same draws: the mask comes from torch.rand, timm's from bernoulli_.
@@ -34,6 +35,13 @@ class TensorRateDropPath(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
         kept = torch.rand(shape, device=x.device) < self.keep_prob
         return x * (kept * self.scale).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Move the rate with the module (.to(device), .cuda(), DeepSpeed's placement), never cast it."""
+        module = super()._apply(fn, recurse)
+        device = fn(torch.zeros(())).device
+        self.keep_prob, self.scale = self.keep_prob.to(device), self.scale.to(device)
+        return module
 
     def extra_repr(self) -> str:
         return f"drop_prob={1.0 - float(self.keep_prob):.3f}"
