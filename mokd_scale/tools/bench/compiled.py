@@ -22,8 +22,6 @@ import dataclasses
 import re
 from typing import Callable
 
-import torch
-
 GENERATED_PREFIX = "cpp_"  # inductor's C++ (CPU) kernels: cpp_fused_<aten ops>_<index>
 INDEX_SUFFIX = re.compile(r"_\d+$")
 
@@ -79,9 +77,3 @@ def reporting(kernel: Callable, key: GeneratedKernel) -> Callable:
             _listener[-1](key)
         return kernel(*args)
     return call
-
-
-def fresh_compiles() -> None:
-    """Forget what dynamo compiled in this process, so the next calls compile (or load from
-    inductor's on-disk cache) under kernels_reported()."""
-    torch._dynamo.reset()

@@ -229,7 +229,7 @@ def count_loops(args) -> dict:
             config, overrides = ops_config(args, info, zero, compiled)
             pool = bench_micro_batches(config, info, args.accumulation * (args.warmup + args.steps))
             ours = OurStep(config, info)
-            loops[f"ours_zero{zero}" + ("_compiled" if compiled else "")] = count_loop(ours, pool, args)
+            loops[f"ours_zero{zero}" + ("_compiled" if config.train.compile else "")] = count_loop(ours, pool, args)
             if not report:
                 report = describe(args, info, config, overrides, ours)
             del ours
@@ -283,7 +283,7 @@ def ops_table(report: dict, top: int = 3) -> str:
     for name, loop in loops.items():
         for phase_name, entry in loop["phases"].items():
             ops = ", ".join(f"{op.replace('aten::', '')} {fmt(n)}" for op, n in list(entry["top_launching"].items())[:top])
-            lines.append(f"  {name:<12} {phase_name:<22} {ops}")
+            lines.append(f"  {name:<20} {phase_name:<22} {ops}")
     return "\n".join(lines)
 
 
