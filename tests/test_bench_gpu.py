@@ -30,26 +30,26 @@ def test_one_variant_is_measured_in_its_own_process(tmp_path, monkeypatch):
     assert report["device"].startswith("cpu") and "eager" in gpu.gpu_table(report)
 
 
-def test_a_failed_or_out_of_memory_variant_keeps_the_others(monkeypatch):
-    args = gpu.parse_gpu_args(["--micro-batches", "32,64", "--budget", "100"])
+def test_a_failed_or_out_of_memory_variant_keeps_the_others():
+    args = gpu.parse_gpu_args(["--micro-batches", "32,64,128", "--budget", "100"])
     measured = {"status": "ok", "device": "cuda (X)", "images_per_s": 1.0, "seconds_per_step": 32.0, "mfu": 0.1,
                 "peak_memory_gib": 1.0, "host_ahead_share": 0.5, "first_step_s": 1.0, "dtype": "bfloat16"}
-    outcomes = {("eager", 32): measured,
-                ("compile", 32): {"status": "oom", "error": "CUDA out of memory"},
-                ("eager", 64): {"status": "failed", "error": "boom"},
-                ("compile", 64): measured}
+    outcomes = {("compile", 32): {"status": "oom", "error": "CUDA out of memory"},
+                ("eager", 64): {"status": "failed", "error": "boom"}}
 
     def fake_process(command, out, timeout):
         variant, micro_batch = command[command.index("--only") + 1].split(":")
         assert command[-2:] == ["--out", out] and 0 < timeout <= 100
-        return outcomes[(variant, int(micro_batch))]
+        return outcomes.get((variant, int(micro_batch)), measured)
 
-    report = gpu.run_all(args, ["--micro-batches", "32,64", "--out", "elsewhere.json"], fake_process)
+    report = gpu.run_all(args, ["--micro-batches", "32,64,128", "--out", "elsewhere.json"], fake_process)
+    # The recipe's micro-batch in both variants first, then the eager curve, then the compiled one.
     assert [(r["variant"], r["micro_batch_size"], r["status"]) for r in report["variants"]] == [
-        ("eager", 32, "ok"), ("eager", 64, "failed"), ("compile", 32, "oom"), ("compile", 64, "ok")]
+        ("eager", 32, "ok"), ("compile", 32, "oom"), ("eager", 64, "failed"), ("eager", 128, "ok"),
+        ("compile", 64, "ok"), ("compile", 128, "ok")]
     assert report["device"] == "cuda (X)"
     table = gpu.gpu_table(report)
-    assert "oom: CUDA out of memory" in table and "failed: boom" in table and table.count(" ok") == 2
+    assert "oom: CUDA out of memory" in table and "failed: boom" in table and table.count(" ok") == 4
     skipped = gpu.run_all(gpu.parse_gpu_args(["--budget", str(gpu.MIN_VARIANT_S - 1)]), [], fake_process)
     assert {r["status"] for r in skipped["variants"]} == {"skipped"} and len(skipped["variants"]) == 6
 

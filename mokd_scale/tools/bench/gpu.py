@@ -13,10 +13,10 @@ variant compiles then) and the host's lead (below).
 Each variant runs in its own process (this command with --only VARIANT:MICRO_BATCH), one after
 the other: an out-of-memory or a crash of one is reported as such and the others are kept. All of
 them share --budget seconds, first compiles included; each gets what is left, and one that has
-less than MIN_VARIANT_S left is reported as skipped. Order: every eager micro-batch (ascending), then
-the compiled ones (ascending): an eager variant takes about a minute, a compiled one several (each
-micro-batch is a new set of static shapes to compile), so the budget goes first to the whole eager
-curve, then to the recipe's micro-batch compiled.
+less than MIN_VARIANT_S left is reported as skipped. Order: the first micro-batch listed (the
+recipe's) in every variant, then the others eager, then the others compiled: an eager variant takes
+about a minute, a compiled one several (each micro-batch is a new set of static shapes to compile),
+so the budget goes first to the comparison at the recipe's micro-batch, then to the eager curve.
 
 The host's lead (`host_ahead_share`): the share of a step's wall time during which the GPU runs
 kernels, from torch.profiler over one extra step. While the GPU has work queued the host is ahead
@@ -147,21 +147,25 @@ def run_variant_process(command: list[str], out: str, timeout: float) -> dict:
     return {"status": status, "error": " | ".join(tail) or f"exit code {done.returncode}"}
 
 
+def run_order(variants: list[str], micro_batches: list[int]) -> list[tuple[str, int]]:
+    """The first micro-batch in every variant, then each variant's other micro-batches (module doc)."""
+    return [(v, micro_batches[0]) for v in variants] + [(v, mb) for v in variants for mb in micro_batches[1:]]
+
+
 def run_all(args, argv: list[str], run_process=run_variant_process) -> dict:
     deadline = time.monotonic() + args.budget
     results = []
     with tempfile.TemporaryDirectory(prefix="mokd-bench-gpu-") as work:
-        for variant in args.variants:
-            for micro_batch in args.micro_batches:
-                left = deadline - time.monotonic()
-                entry = {"variant": variant, "micro_batch_size": micro_batch}
-                if left < MIN_VARIANT_S:
-                    entry.update(status="skipped", error=f"{left:.0f} s of --budget left")
-                else:
-                    out = os.path.join(work, f"{variant}_{micro_batch}.json")
-                    entry.update(run_process(variant_command(argv, variant, micro_batch, out), out, left))
-                results.append(entry)
-                print(variant_line(entry), file=sys.stderr, flush=True)
+        for variant, micro_batch in run_order(args.variants, args.micro_batches):
+            left = deadline - time.monotonic()
+            entry = {"variant": variant, "micro_batch_size": micro_batch}
+            if left < MIN_VARIANT_S:
+                entry.update(status="skipped", error=f"{left:.0f} s of --budget left")
+            else:
+                out = os.path.join(work, f"{variant}_{micro_batch}.json")
+                entry.update(run_process(variant_command(argv, variant, micro_batch, out), out, left))
+            results.append(entry)
+            print(variant_line(entry), file=sys.stderr, flush=True)
     return {"mode": "gpu", "config": args.config, "width": args.width, "zero_stage": ZERO_STAGE,
             "steps": args.steps, "warmup": args.warmup, "budget_s": args.budget,
             "device": next((r["device"] for r in results if r["status"] == "ok"), None), "variants": results}
@@ -198,9 +202,10 @@ def gpu_table(report: dict) -> str:
 def parse_gpu_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mokd-bench gpu", description=__doc__.split("\n")[0])
     add_recipe_args(parser, default_config="vitl16_r152")
-    parser.add_argument("--micro-batches", default="32,64,128", help="per-GPU micro-batches, comma-separated")
+    parser.add_argument("--micro-batches", default="32,64,128",
+                        help="per-GPU micro-batches, comma-separated; the first is compared first")
     parser.add_argument("--variants", default="eager,compile",
-                        help="eager and/or compile (train.compile=true), run in this order")
+                        help="eager and/or compile (train.compile=true)")
     parser.add_argument("--width", choices=("tiny", "recipe"), default="recipe",
                         help="recipe (default) or tiny: the recipe's depths and crops at tiny widths (a CPU check)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per variant")
