@@ -2,6 +2,8 @@
 dispatch is known, and the sub-command end to end on a tiny pair."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from mokd_scale.runtime.profiling import phase
@@ -100,3 +102,35 @@ def test_ops_subcommand_counts_both_zero_stages_and_the_ddp_loop(tmp_path):
         assert phases["centers"]["collectives"] >= 1  # the centres' global-batch mean
     # The DDP loop's per-rank loss check reads the loss on the host once per micro-batch.
     assert report["loops"]["ddp"]["phases"]["finite_check"]["host_syncs"] == 1
+
+
+def test_counter_sees_the_kernels_of_compiled_regions():
+    import torch._inductor.config
+
+    from mokd_scale.tools.bench.compiled import kernels_reported
+
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.LayerNorm(8))
+    compiled = copy.deepcopy(eager)
+    compiled.compile(dynamic=False)
+    x = torch.randn(4, 8)
+    counts = {}
+    with kernels_reported(), torch._inductor.config.patch(compile_threads=1):
+        for model in (eager, compiled):  # compiles here, so its kernels report their calls; gradients exist
+            model(x).sum().backward()
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            counter = OperatorCounter()
+            with counter:
+                with phase("forward"):
+                    loss = model(x).sum()
+                with phase("backward"):
+                    loss.backward()
+            counts[name] = counter.summary()
+    forward = counts["compiled"]["phases"]["forward"]["ops"]
+    generated = [op for op in forward if op.startswith("inductor::cpp_fused")]
+    assert generated and all(counts["compiled"]["kinds"][op] == "launching" for op in generated)
+    assert "aten::gelu.default" in counts["eager"]["phases"]["forward"]["ops"]
+    assert "aten::gelu.default" not in forward  # the region ran compiled, under the counter
+    assert any(op.startswith("inductor::") for op in counts["compiled"]["phases"]["backward"]["ops"])
+    assert counts["compiled"]["per_step"]["launching"] < counts["eager"]["per_step"]["launching"], (
+        counts["compiled"]["phases"], counts["eager"]["phases"])

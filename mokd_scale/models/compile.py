@@ -11,12 +11,16 @@ Shapes are static (`dynamic=False`): a block sees only a handful of them (global
 crops, teacher and student, with and without a query token), and static kernels are the fast
 ones. Blocks of one class share one compiled frame, so ResNet-152's bottlenecks (4 stages,
 with and without a downsample, grad and no-grad) need more recompilations than torch's
-default limit of 8 per frame: the limit is raised, once, to RECOMPILE_LIMIT.
+default limit of 8 per frame: the limit is raised, once, to RECOMPILE_LIMIT. Stochastic depth
+is swapped for a version whose rate is a tensor (models/drop_path.py): with timm's float rate,
+a ViT's blocks (one rate each) recompiled once per block and crop size.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from mokd_scale.models.drop_path import tensor_rate_drop_paths
 
 RECOMPILE_LIMIT = 64
 
@@ -26,6 +30,7 @@ def compile_regions(network: nn.Module, **options) -> list[nn.Module]:
     torch.compile (default dynamic=False). Returns the compiled modules."""
     options.setdefault("dynamic", False)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    tensor_rate_drop_paths(network)
     regions = [*backbone_blocks(network.backbone), network.projection_head]
     if network.search_head is not None:  # none in DINO-only (independent) mode
         regions.append(network.search_head)

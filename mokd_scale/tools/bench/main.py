@@ -9,6 +9,9 @@
     mokd-bench ops    [--config vitl16_r152] [--zero 0,2] [--width tiny|recipe] ...
         operators dispatched per optimizer step, by phase: kernel-launching, views/metadata,
         collectives (the host overhead of the step, measured on any machine), ours against the DDP loop.
+    mokd-bench gpu    [--micro-batches 32,64,128] [--variants eager,compile] [--budget 450] ...
+        the flagship step on one GPU, eager and train.compile, one process per variant: images/s,
+        MFU, peak memory, first-step (compile) seconds and the host's lead, in --budget seconds.
     mokd-bench data   [...]
         data-pipeline images/s per worker (bench/data.py).
     mokd-bench science [--steps 300] [--seeds 3] [--nproc 2] [--work science_out] ...
@@ -23,7 +26,7 @@ from __future__ import annotations
 import json
 import sys
 
-COMMANDS = ("step", "memory", "ops", "data", "science")
+COMMANDS = ("step", "memory", "ops", "gpu", "data", "science")
 
 
 def out_path(argv: list[str]) -> str:
@@ -79,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         from mokd_scale.tools.bench import ops
         report = ops.run_ops_bench(rest)
         emit(report, ops.ops_table(report), out_path(rest))
+        return 0
+    if command == "gpu":
+        from mokd_scale.tools.bench import gpu
+        report = gpu.run_gpu_bench(rest)
+        emit(report, gpu.gpu_table(report), out_path(rest))
         return 0
     from mokd_scale.tools.bench import memory
     report = memory.run_memory_bench(rest)

@@ -1,7 +1,7 @@
 """mokd-bench ops: operators dispatched per optimizer step of the MOKD step, by phase and kind.
 
     mokd-bench ops [--config vitl16_r152] [--width tiny|recipe] [--zero 0,2] [--steps 1] [--warmup 1]
-                   [--set KEY=VALUE ...] [--no-ddp] [--nproc 1] [--out FILE]
+                   [--compiled no|yes|both] [--set KEY=VALUE ...] [--no-ddp] [--nproc 1] [--out FILE]
 
 Host overhead on a GPU grows with the number of operators the step dispatches (each one costs
 microseconds of Python, dispatcher and launch work whatever its size), and that number is the
@@ -34,12 +34,20 @@ Kinds (a precise rule, so before/after counts compare):
 A multi-tensor operator (torch._foreach_*) counts once: it is one dispatch (on CUDA it
 launches one kernel per chunk of its tensor lists).
 
+With `--compiled yes` (train.compile=true; `both`: eager and compiled side by side) the regions
+run compiled (inductor's C++ kernels on the CPU, fused much as Triton kernels are on a GPU):
+each call of a kernel inductor generated counts as one launching operator named
+`inductor::cpp_fused_<the aten operators it fuses>`, and the library kernels a region calls
+(matmuls, convolutions) are counted as in eager, as their operators
+(mokd_scale/tools/bench/compiled.py: the rule, and why views inside a region are not counted).
+The counter is an "infra" dispatch mode: under any other, dynamo would run the regions eagerly.
+The first (--warmup) step compiles: minutes on a few cores.
+
 What a count on the CPU does not show of a GPU run: device-specific choices (torch's own
 defaults pick foreach only for CUDA tensors; the learner's optimizers are fused on both), bf16
-autocast casts (the teachers run under autocast on CUDA only), and the
-kernels inside regions compiled with train.compile, which are launched without the dispatcher
-(count with train.compile=false). DeepSpeed's gradient buckets hold 5e7 elements, so the
-flagship's full widths add a few operators per extra bucket.
+autocast casts (the teachers run under autocast on CUDA only), and inductor's CUDA-specific
+choices (it may fuse or split a little differently for Triton). DeepSpeed's gradient buckets hold
+5e7 elements, so the flagship's full widths add a few operators per extra bucket.
 
 Defaults: the flagship recipe at tiny width (--width tiny: the same depths, blocks, heads,
 crops and crop sizes; ViT width 8 per attention head, ResNet channels 8/16, K = 256,
@@ -52,6 +60,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -59,6 +69,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mokd_scale.runtime import dist
 from mokd_scale.config import load_config
 from mokd_scale.runtime.profiling import current_phase
+from mokd_scale.tools.bench.compiled import GeneratedKernel, kernels_reported, listen
 from mokd_scale.tools.bench.step import (ZERO_CONFIGS, DdpStep, OurStep, add_recipe_args, batches_for_step,
                                          bench_config, bench_micro_batches, device_name, launch, recipe_overrides,
                                          start_rank)
@@ -72,11 +83,15 @@ HOST_SYNC_OPS = frozenset({"aten::is_nonzero", "aten::_local_scalar_dense"})
 
 
 def op_name(func) -> str:
+    if isinstance(func, GeneratedKernel):
+        return f"inductor::{func.name}"
     return f"{func._schema.name}.{func._overloadname}"
 
 
 def kind_of(func) -> str:
     """"collectives", "views" or "launching" (module doc)."""
+    if isinstance(func, GeneratedKernel):
+        return "launching"
     if func.namespace in COLLECTIVE_NAMESPACES:
         return "collectives"
     if (func.namespace == "profiler" or func.is_view or torch.Tag.inplace_view in func.tags
@@ -86,19 +101,41 @@ def kind_of(func) -> str:
 
 
 def is_host_sync(func) -> bool:
+    if isinstance(func, GeneratedKernel):
+        return False
     return func._schema.name in HOST_SYNC_OPS or any(tag in func.tags for tag in HOST_SYNC_TAGS)
 
 
 class OperatorCounter(TorchDispatchMode):
-    """Counts every operator dispatched while active, by (phase, operator)."""
+    """Counts every operator dispatched while active, by (phase, operator), and every call of a
+    kernel generated for a compiled region (mokd_scale/tools/bench/compiled.py)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.listening = contextlib.nullcontext()
+
+    @classmethod
+    def is_infra_mode(cls) -> bool:
+        return True  # dynamo runs compiled regions eagerly under any other dispatch mode
+
+    def __enter__(self):
+        self.listening = listen(self.record)
+        self.listening.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self.listening.__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[(current_phase(), func)] += 1
+        self.record(func)
         return func(*args, **(kwargs or {}))
+
+    def record(self, func) -> None:
+        self.counts[(current_phase(), func)] += 1
 
     def summary(self, steps: int = 1, top: int = 8) -> dict:
         """Per step, for each phase (in order of first appearance) and in total: operators of each
@@ -157,36 +194,45 @@ def tiny_width_overrides(config) -> list[str]:
     return sets
 
 
-def ops_config(args, info, zero: int):
+def ops_config(args, info, zero: int, compiled: bool = False):
     overrides = recipe_overrides([], zero, args.config)
     if args.width == "tiny":
         overrides += tiny_width_overrides(load_config(args.config, overrides + args.set))
-    overrides += args.set
+    overrides += args.set + (["train.compile=true"] if compiled else [])
     return bench_config(args.config, overrides, info.world_size, args.accumulation), overrides
 
 
 def count_loop(loop, pool: list[dict], args) -> dict:
-    """Operators of --steps optimizer steps after --warmup steps, per step."""
+    """Operators of --steps optimizer steps after --warmup steps, per step; and the warm-up's
+    seconds (with train.compile, mostly compiling; inductor's on-disk cache shortens a rerun)."""
+    start = time.perf_counter()
     for step in range(args.warmup):
         loop.step(step, batches_for_step(pool, step, args.accumulation))
+    warmup_s = time.perf_counter() - start
     counter = OperatorCounter()
     with counter:
         for step in range(args.warmup, args.warmup + args.steps):
             loop.step(step, batches_for_step(pool, step, args.accumulation))
-    return counter.summary(args.steps)
+    return {**counter.summary(args.steps), "warmup_s": round(warmup_s, 1)}
 
 
 def ops_worker(args) -> dict:
+    with kernels_reported():  # before anything compiles: train.compile's kernels are then counted too
+        return count_loops(args)
+
+
+def count_loops(args) -> dict:
     info = start_rank(args)
     loops, report = {}, {}
     for zero in args.zero:
-        config, overrides = ops_config(args, info, zero)
-        pool = bench_micro_batches(config, info, args.accumulation * (args.warmup + args.steps))
-        ours = OurStep(config, info)
-        loops[f"ours_zero{zero}"] = count_loop(ours, pool, args)
-        if not report:
-            report = describe(args, info, config, overrides, ours)
-        del ours
+        for compiled in args.compiled:
+            config, overrides = ops_config(args, info, zero, compiled)
+            pool = bench_micro_batches(config, info, args.accumulation * (args.warmup + args.steps))
+            ours = OurStep(config, info)
+            loops[f"ours_zero{zero}" + ("_compiled" if config.train.compile else "")] = count_loop(ours, pool, args)
+            if not report:
+                report = describe(args, info, config, overrides, ours)
+            del ours
     if not args.no_ddp:  # ZeRO does not concern it: the last stage's recipe and crops will do
         loops["ddp"] = count_loop(DdpStep(config, info), pool, args)
     report["loops"] = loops
@@ -229,13 +275,15 @@ def ops_table(report: dict, top: int = 3) -> str:
     for phase_name in phases:
         lines.append(f"{phase_name:<22}" + cells([loop["phases"].get(phase_name) for loop in loops.values()]))
     lines.append(f"{'total':<22}" + cells([loop["per_step"] for loop in loops.values()]))
+    lines.append(f"{'warm-up seconds':<22}" + "".join(f"{loop.get('warmup_s', '-'):>{widths}}"
+                                                       for loop in loops.values()))
     lines.append(f"{'host syncs (GPU)':<22}" + "".join(f"{fmt(loop['per_step']['host_syncs']):>{widths}}"
                                                          for loop in loops.values()))
     lines.append(f"most frequent launching operators per phase (top {top}):")
     for name, loop in loops.items():
         for phase_name, entry in loop["phases"].items():
             ops = ", ".join(f"{op.replace('aten::', '')} {fmt(n)}" for op, n in list(entry["top_launching"].items())[:top])
-            lines.append(f"  {name:<12} {phase_name:<22} {ops}")
+            lines.append(f"  {name:<20} {phase_name:<22} {ops}")
     return "\n".join(lines)
 
 
@@ -256,6 +304,9 @@ def parse_ops_args(argv) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="steps run before counting")
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
     parser.add_argument("--no-ddp", action="store_true", help="count ours only")
+    parser.add_argument("--compiled", choices=("no", "yes", "both"), default="no",
+                        help="count ours with train.compile=true too (both: eager and compiled side by side; the "
+                             "first compiled step compiles, for minutes on a few cores)")
     args = parser.parse_args(argv)
     try:
         args.zero = [int(stage) for stage in args.zero.split(",")]
@@ -265,6 +316,7 @@ def parse_ops_args(argv) -> argparse.Namespace:
         parser.error(f"--zero stages must be among {sorted(ZERO_CONFIGS)}, got {args.zero}")
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    args.compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compiled]
     return args
 
 
