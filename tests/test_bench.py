@@ -102,7 +102,7 @@ def test_data_bench_writes_its_json_with_out_like_the_others(tmp_path):
 
 def test_unknown_command_is_a_usage_error():
     done = subprocess.run([sys.executable, str(REPO / "tools/bench.py"), "speed"], capture_output=True, text=True)  # the wrapper
-    assert done.returncode == 2 and "step, memory, ops, data, science" in done.stderr
+    assert done.returncode == 2 and "step, memory, ops, gpu, data, science" in done.stderr
 
 
 SCIENCE_TINY = ["train.global_batch_size=8", "train.micro_batch_size=8", "data.workers=0", "mokd.out_dim=64",
