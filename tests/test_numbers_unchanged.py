@@ -2,7 +2,13 @@
 the method became data (tests/fixtures/numbers.json, written by tests/fixtures/record_numbers.py
 through the command line), and a checkpoint written by that version resumes to the losses its own
 straight run logged. All runs go through the mokd-train entry point, in one rank process with the
-recording's two threads (fewer threads change float sums by ~1e-5)."""
+recording's two threads (fewer threads change float sums by ~1e-5).
+
+Another CPU sums in another order (MKL and oneDNN pick kernels by instruction set): on a machine other
+than the recording's, step 1 (one forward on identical weights) differed by at most 3.2e-7 relative
+and the updates carried that to 1.4e-5 by step 6 (ResNet with BatchNorm; 2e-7 for two ViTs). Step 1 is
+held to 1e-6, later steps to 1e-4. Small real changes still fail: teacher momentum 0.99 -> 0.991 moves
+a step-2 loss by 6e-4, student temperature 0.1 -> 0.1001 a step-1 loss by 1.4e-4."""
 from __future__ import annotations
 
 import contextlib
@@ -46,12 +52,17 @@ def logged(tmp_path_factory) -> dict[str, list[dict]]:
     return run_on_ranks(train_all, 1, (tmp_path_factory.mktemp("numbers"),), timeout=600)
 
 
+FIRST_STEP_REL, LATER_STEPS_REL = 1e-6, 1e-4
+
+
 def assert_same_losses(expected: list[dict], got: list[dict], what: str) -> None:
     assert [row["step"] for row in got] == [row["step"] for row in expected], what
+    first = expected[0]["step"]
     for want, have in zip(expected, got):
         assert set(have) >= set(want), f"{what}: keys {sorted(set(want) - set(have))} missing"
+        rel = FIRST_STEP_REL if want["step"] == first else LATER_STEPS_REL
         for key, value in want.items():
-            assert have[key] == pytest.approx(value, rel=1e-6, abs=1e-7), f"{what}, step {want['step']}, {key}"
+            assert have[key] == pytest.approx(value, rel=rel, abs=1e-7), f"{what}, step {want['step']}, {key}"
 
 
 @pytest.mark.parametrize("run", sorted(recorded.RUNS))
